@@ -1,0 +1,71 @@
+# DINO suite. Every target builds .venv on first use (from pyproject.toml).
+#   make demo     CPU demo: generate the suite, pretrain, kNN random vs trained
+#   make test     the test suite
+#   make pretrain ARCH=vit_small PATCH=8 DATA=/data/imagenet/train [PRESET=paper] [GPUS=8] ...
+#   make knn      CKPT=runs/x/checkpoint.pth DATA=/data/imagenet
+#   make data     write the embedded suite into data/suite/
+#   make bench    training throughput on this machine
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+# pretraining knobs (empty = the preset's value)
+PRESET ?= paper
+ARCH ?=
+PATCH ?=
+DATA ?=
+OUT ?= runs/$(or $(ARCH),vit_small)$(or $(PATCH),16)-$(PRESET)
+EPOCHS ?=
+BATCH ?=
+GPUS ?= 1
+NNODES ?= 1
+NODE_RANK ?= 0
+MASTER_ADDR ?= 127.0.0.1
+MASTER_PORT ?= 29500
+SEED ?= 0
+EXTRA ?=
+CKPT ?=
+
+.PHONY: venv data demo test pretrain knn bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PYTHON) -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml','rb'))['project']['dependencies']))" > $(VENV)/requirements.txt
+	$(PY) -m pip install --disable-pip-version-check -q -r $(VENV)/requirements.txt
+	@touch $(STAMP)
+
+data: $(STAMP)
+	$(PY) -m data.suite --out data/suite
+
+demo: $(STAMP)
+	$(PY) -m evaluate.demo
+
+test: $(STAMP)
+	@$(PY) -m pytest tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
+
+PRETRAIN_ARGS = --preset $(PRESET) --data "$(DATA)" --output-dir "$(OUT)" --seed $(SEED) \
+	$(if $(ARCH),--arch $(ARCH)) $(if $(PATCH),--patch-size $(PATCH)) \
+	$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(BATCH),--batch-size-per-gpu $(BATCH)) $(EXTRA)
+
+pretrain: $(STAMP)
+	@test -n "$(DATA)" || { echo "error: DATA is not set: make pretrain DATA=<image folder> (try 'make data' and DATA=data/suite/classification/train PRESET=demo)" >&2; exit 2; }
+ifeq ($(GPUS)$(NNODES),11)
+	$(PY) -m pretrain.train $(PRETRAIN_ARGS)
+else
+	$(PY) -m torch.distributed.run --nproc_per_node=$(GPUS) --nnodes=$(NNODES) --node_rank=$(NODE_RANK) \
+		--master_addr=$(MASTER_ADDR) --master_port=$(MASTER_PORT) -m pretrain.train $(PRETRAIN_ARGS)
+endif
+
+knn: $(STAMP)
+	@test -n "$(CKPT)" -a -n "$(DATA)" || { echo "error: make knn needs CKPT=<checkpoint or random> and DATA=<folder with train/ and val/>" >&2; exit 2; }
+	$(PY) -m evaluate.knn --ckpt "$(CKPT)" --data "$(DATA)" $(if $(ARCH),--arch $(ARCH)) $(if $(PATCH),--patch $(PATCH)) $(EXTRA)
+
+bench: $(STAMP)
+	$(PY) -m bench.train_throughput
+
+clean:
+	rm -rf runs data/suite

@@ -1,0 +1,36 @@
+"""Data for the DINO suite: readers of the real on-disk layouts and the embedded-suite generator.
+
+``data.errors`` holds `UserError` / `run_cli` (one-line errors for anything a
+user can cause); ``data.imagefolder`` reads ``root/<class>/<image>``;
+``data.suite`` writes the seeded synthetic suite in the real layouts.
+
+The names below are re-exported lazily (PEP 562) so that ``import data`` stays
+light and ``python -m data.suite`` does not find its own module already
+imported by the package (which makes runpy warn).
+"""
+
+import importlib
+
+from data.errors import UserError, run_cli
+
+_LAZY_EXPORTS = {
+    "IMAGE_EXTENSIONS": "data.imagefolder",
+    "ImageFolder": "data.imagefolder",
+    "load_rgb": "data.imagefolder",
+    "split_root": "data.imagefolder",
+    "CLASS_NAMES": "data.suite",
+    "render_object_image": "data.suite",
+    "write_classification": "data.suite",
+}
+
+__all__ = ["UserError", "run_cli", *_LAZY_EXPORTS]
+
+
+def __getattr__(name):
+    if name in _LAZY_EXPORTS:
+        return getattr(importlib.import_module(_LAZY_EXPORTS[name]), name)
+    raise AttributeError(f"module 'data' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(__all__)

@@ -1,0 +1,115 @@
+"""Weighted k-NN classification on frozen teacher features (PROTOCOLS B1).
+
+    python -m evaluate.knn --ckpt runs/demo/checkpoint.pth --data data/suite/classification
+    python -m evaluate.knn --ckpt random --arch vit_small --patch 16 --data /data/imagenet
+
+Features: the backbone's final-normed [CLS] of Resize(r, bicubic) +
+CenterCrop(s) images (s = 224, r = 256 for ImageNet; ``--image-size`` sets
+s and r = s * 256 / 224), L2-normalised. Neighbours: FAISS exact
+inner-product search (a GPU index when CUDA and faiss GPU support are
+present). Scores: ``pretrain.monitor.weighted_vote`` (exp(cos / T), T = 0.07).
+Prints top-1/top-5 for k in 10, 20, 100, 200; k = 20 is the paper's number.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import faiss
+import numpy as np
+import torch
+from torchvision import transforms
+
+from data.errors import UserError, run_cli
+from data.imagefolder import ImageFolder, split_root
+from pretrain import load_backbone
+from pretrain.checkpoint import read_backbone_file
+from pretrain.augment import IMAGENET_MEAN, IMAGENET_STD
+from pretrain.monitor import extract_features, knn_scores
+
+DEFAULT_KS = (10, 20, 100, 200)
+
+
+def eval_transform(image_size: int = 224) -> transforms.Compose:
+    """Resize(image_size * 256/224, bicubic) -> CenterCrop(image_size) -> normalise."""
+    return transforms.Compose([
+        transforms.Resize(round(image_size * 256 / 224), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(image_size),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def faiss_neighbours(train_features: torch.Tensor, query_features: torch.Tensor, k: int,
+                     use_gpu: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact inner-product top-k with FAISS: (similarities (Q, k), indices (Q, k))."""
+    train = np.ascontiguousarray(train_features.float().cpu().numpy())
+    queries = np.ascontiguousarray(query_features.float().cpu().numpy())
+    index = faiss.IndexFlatIP(train.shape[1])
+    if use_gpu is None:
+        use_gpu = torch.cuda.is_available() and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    if use_gpu:
+        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+    index.add(train)
+    similarities, indices = index.search(queries, min(k, train.shape[0]))
+    return torch.from_numpy(similarities), torch.from_numpy(indices).long()
+
+
+def run_knn(model: torch.nn.Module, data_root: str, image_size: int = 224, batch_size: int = 128,
+            ks=DEFAULT_KS, temperature: float = 0.07, num_workers: int = 2, device=None) -> dict[int, tuple[float, float]]:
+    """Extract features of ``data_root``/train and /val and score weighted k-NN."""
+    train_dir, val_dir = split_root(data_root)
+    transform = eval_transform(image_size)
+    train_set, val_set = ImageFolder(train_dir, transform), ImageFolder(val_dir, transform)
+    if train_set.classes != val_set.classes:
+        raise UserError(f"train and val of '{data_root}' have different class folders: they must match")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = model.to(device)
+    train_f, train_y = extract_features(model, train_set, batch_size, device, num_workers, progress="train features")
+    val_f, val_y = extract_features(model, val_set, batch_size, device, num_workers, progress="val features")
+    return knn_scores(train_f, train_y, val_f, val_y, ks, temperature, search=faiss_neighbours)
+
+
+def trained_crop_size(path: str) -> int | None:
+    """The global crop side a checkpoint of ours was trained at (None otherwise)."""
+    if path in (None, "random"):
+        return None
+    _, _, args = read_backbone_file(path)
+    return int(args["global_crops_size"]) if args and "global_crops_size" in args else None
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="weighted k-NN evaluation of a backbone")
+    parser.add_argument("--ckpt", default="random", help="checkpoint path, or 'random' (needs --arch or --random-like)")
+    parser.add_argument("--data", required=True, help="folder with train/<class>/... and val/<class>/...")
+    parser.add_argument("--arch", default=None, help="backbone arch (inferred from the checkpoint if omitted)")
+    parser.add_argument("--patch", type=int, default=None)
+    parser.add_argument("--key", default="teacher", help="checkpoint entry: teacher (default) or student")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="centre-crop side (default 224, or the checkpoint's global crop size)")
+    parser.add_argument("--ks", type=int, nargs="+", default=list(DEFAULT_KS))
+    parser.add_argument("--temperature", type=float, default=0.07)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--random-like", default=None, metavar="CKPT",
+                        help="score a random initialisation of CKPT's architecture (the trained model's baseline)")
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+    torch.manual_seed(args.seed)
+    if args.random_like:
+        model = load_backbone(args.random_like, key=args.key, random_weights=True)
+    else:
+        model = load_backbone(args.ckpt, args.arch, args.patch, key=args.key)
+    image_size = args.image_size or trained_crop_size(args.random_like or args.ckpt) or 224
+    results = run_knn(model, args.data, image_size, args.batch_size, tuple(args.ks), args.temperature, args.num_workers)
+    for k, (top1, top5) in results.items():
+        print(f"{k}-NN: top-1 {top1:.2f}  top-5 {top5:.2f}")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({str(k): {"top1": t1, "top5": t5} for k, (t1, t5) in results.items()}, handle)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

@@ -1,0 +1,81 @@
+"""DINO self-distillation loss with centering and sharpening (paper Eq. 1-4).
+
+With student logits S ((2 + n_local) * B, K, crop-major) and teacher logits
+T (2 * B, K, the two global crops):
+
+    p_v = softmax(S_v / tau_s)                 per student crop v
+    q_i = softmax((T_i - c) / tau_t(epoch))    per teacher crop i, no gradient
+    L   = 1 / |P| * sum_{(i, v) in P} mean_b( - sum_k q_i[b, k] log p_v[b, k] )
+
+where P pairs every teacher global crop i with every student crop v != i
+(18 pairs with 8 local crops). After the loss, the center moves towards the
+mean raw teacher logit of the batch (over all processes):
+
+    c <- m c + (1 - m) mean_{b, i} T_i[b]      (m = 0.9)
+
+tau_t(epoch) rises linearly from ``warmup_teacher_temp`` to ``teacher_temp``
+over ``warmup_teacher_temp_epochs`` epochs (per epoch, as in the official code),
+then stays constant.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def teacher_temperature_schedule(warmup_teacher_temp: float, teacher_temp: float,
+                                 warmup_epochs: int, nepochs: int) -> np.ndarray:
+    """Per-epoch teacher temperature: linspace over the warm-up, then constant."""
+    warmup = np.linspace(warmup_teacher_temp, teacher_temp, warmup_epochs)
+    return np.concatenate((warmup, np.full(max(nepochs - warmup_epochs, 0), teacher_temp)))
+
+
+class DINOLoss(nn.Module):
+    def __init__(self, out_dim: int, ncrops: int, warmup_teacher_temp: float, teacher_temp: float,
+                 warmup_teacher_temp_epochs: int, nepochs: int, student_temp: float = 0.1,
+                 center_momentum: float = 0.9):
+        super().__init__()
+        self.ncrops = ncrops
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        self.teacher_temp_schedule = teacher_temperature_schedule(
+            warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs)
+
+    def teacher_temp(self, epoch: int) -> float:
+        schedule = self.teacher_temp_schedule
+        return float(schedule[min(epoch, len(schedule) - 1)])
+
+    def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int) -> torch.Tensor:
+        """student_output ((ncrops * B, K)), teacher_output ((2 * B, K)) -> scalar loss.
+
+        Updates ``center`` (after computing the loss, which uses the old one).
+        """
+        student_log_probs = F.log_softmax(student_output.float() / self.student_temp, dim=-1)
+        student_chunks = student_log_probs.chunk(self.ncrops)
+        teacher_probs = F.softmax((teacher_output.float() - self.center) / self.teacher_temp(epoch), dim=-1)
+        teacher_chunks = teacher_probs.detach().chunk(2)
+
+        total, pairs = student_output.new_zeros((), dtype=torch.float32), 0
+        for teacher_index, target in enumerate(teacher_chunks):
+            for student_index, log_probs in enumerate(student_chunks):
+                if student_index == teacher_index:
+                    continue  # the same global view: no self-prediction
+                total = total + torch.sum(-target * log_probs, dim=-1).mean()
+                pairs += 1
+        self.update_center(teacher_output)
+        return total / pairs
+
+    @torch.no_grad()
+    def update_center(self, teacher_output: torch.Tensor) -> None:
+        """EMA of the mean raw teacher logit over the global batch (all ranks)."""
+        batch_sum = teacher_output.float().sum(dim=0, keepdim=True)
+        count = torch.tensor([teacher_output.shape[0]], dtype=torch.float32, device=batch_sum.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(batch_sum)
+            dist.all_reduce(count)
+        batch_center = batch_sum / count
+        self.center.mul_(self.center_momentum).add_(batch_center * (1 - self.center_momentum))

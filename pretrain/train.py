@@ -1,0 +1,61 @@
+"""Command line: ``python -m pretrain.train --data DIR --output-dir DIR [--preset demo] [...]``.
+
+Single process, or one process per GPU under ``torchrun`` (see README,
+"Pretraining"). Resumes from ``<output-dir>/checkpoint.pth`` when present.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+
+from data.errors import UserError, run_cli
+from data.imagefolder import ImageFolder, split_root
+
+from . import config as config_module
+from .distributed import init_distributed
+from .monitor import make_knn_monitor
+from .trainer import Trainer
+
+
+def knn_monitor_for(cfg, device):
+    """The periodic kNN monitor on ``cfg.knn_data`` (train/ + val/), eval transform
+    Resize(r) + CenterCrop(s) with s = the global crop size, r = s * 256 / 224."""
+    from torchvision import transforms
+
+    from .augment import IMAGENET_MEAN, IMAGENET_STD
+    train_dir, val_dir = split_root(cfg.knn_data)
+    size = cfg.global_crops_size
+    transform = transforms.Compose([
+        transforms.Resize(round(size * 256 / 224), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(size), transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return make_knn_monitor(ImageFolder(train_dir, transform), ImageFolder(val_dir, transform), device)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="DINO self-supervised pretraining")
+    parser.add_argument("--preset", default="vanilla", choices=sorted(config_module.PRESETS))
+    config_module.add_arguments(parser)
+    args = parser.parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if k != "preset"}
+    for name in ("global_crops_scale", "local_crops_scale"):
+        if overrides.get(name) is not None:
+            overrides[name] = tuple(overrides[name])
+    cfg = config_module.resolve(args.preset, **overrides)
+    if not cfg.data:
+        raise UserError("no training data given: pass --data <image folder> (or DATA=... to make)")
+    if cfg.num_workers > (os.cpu_count() or 1):
+        cfg.num_workers = os.cpu_count() or 1
+    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    dist_info = init_distributed()
+    monitor = knn_monitor_for(cfg, dist_info.device) if cfg.knn_every and cfg.knn_data else None
+    summary = Trainer(cfg, dist_info, monitor).fit()
+    if dist_info.is_main:
+        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in summary.items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

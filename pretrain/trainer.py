@@ -1,0 +1,320 @@
+"""The DINO training loop (PROTOCOLS A4-A9).
+
+Per iteration ``it = epoch * iters_per_epoch + step``:
+set lr (both groups) and wd (regularised group) from their schedules ->
+teacher(global crops), student(all crops) under autocast -> DINO loss
+(updates the center) -> backward -> per-parameter gradient clipping ->
+drop last-layer grads during the first ``freeze_last_layer`` epochs ->
+optimizer step -> EMA teacher update with momentum m(it).
+
+Student and teacher are ``MultiCropWrapper(backbone, DINOHead)``; the
+teacher starts as a copy of the student, gets no gradient, has no
+drop-path, and stays in train mode (matters only for BatchNorm nets).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from data.errors import UserError
+from data.imagefolder import ImageFolder
+
+from .augment import MultiCropAugmentation, MultiCropDataset
+from .backbones import build_backbone, describe, is_vit
+from .checkpoint import atomic_save, safe_load, strip_prefixes
+from .config import TrainConfig, to_dict
+from .distributed import DistInfo, all_reduce_mean, barrier
+from .head import DINOHead, MultiCropWrapper
+from .loss import DINOLoss
+from .sampler import ShardedSampler
+from .schedules import cosine_schedule, scaled_lr
+
+
+def build_student_teacher(cfg: TrainConfig) -> tuple[MultiCropWrapper, MultiCropWrapper]:
+    sizes = dict(embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads, img_size=cfg.img_size)
+    sizes = {k: v for k, v in sizes.items() if v is not None} if cfg.arch == "vit" else {}
+    if cfg.arch != "resnet50":
+        sizes.setdefault("img_size", cfg.img_size)
+    patch = cfg.patch_size if cfg.arch != "resnet50" else None
+    student_backbone = build_backbone(cfg.arch, patch, drop_path_rate=cfg.drop_path_rate, **sizes)
+    teacher_backbone = build_backbone(cfg.arch, patch, drop_path_rate=0.0, **sizes)
+    head_args = dict(out_dim=cfg.out_dim, hidden_dim=cfg.hidden_dim, bottleneck_dim=cfg.bottleneck_dim,
+                     use_bn=cfg.use_bn_in_head)
+    student = MultiCropWrapper(student_backbone, DINOHead(student_backbone.embed_dim, norm_last_layer=cfg.norm_last_layer, **head_args))
+    teacher = MultiCropWrapper(teacher_backbone, DINOHead(teacher_backbone.embed_dim, **head_args))
+    teacher.load_state_dict(student.state_dict())
+    for param in teacher.parameters():
+        param.requires_grad = False
+    return student, teacher
+
+
+def param_groups(model: nn.Module) -> list[dict]:
+    """Weight decay on weights (ndim > 1, incl. pos_embed/cls_token); none on biases and norms."""
+    regularized, not_regularized = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (not_regularized if name.endswith(".bias") or param.ndim <= 1 else regularized).append(param)
+    return [{"params": regularized}, {"params": not_regularized, "weight_decay": 0.0}]
+
+
+@torch.no_grad()
+def clip_gradients_per_parameter(model: nn.Module, clip: float) -> None:
+    """Scale each parameter's gradient so its own L2 norm is at most ``clip``."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return
+    norms = torch._foreach_norm(grads)
+    coefs = [torch.clamp(clip / (norm + 1e-6), max=1.0) for norm in norms]
+    torch._foreach_mul_(grads, coefs)
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """theta_t <- m theta_t + (1 - m) theta_s for every parameter (pairs in order)."""
+    teacher_params = list(teacher.parameters())
+    student_params = [p.detach() for p in student.parameters()]
+    torch._foreach_mul_(teacher_params, momentum)
+    torch._foreach_add_(teacher_params, student_params, alpha=1.0 - momentum)
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    precision = cfg.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision not in ("bf16", "fp16", "fp32"):
+        raise UserError(f"unknown precision '{cfg.precision}': use auto, bf16, fp16 or fp32")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+
+
+class Trainer:
+    """Owns models, optimizer, schedules and data for one run (one process)."""
+
+    def __init__(self, cfg: TrainConfig, dist_info: DistInfo, monitor: Callable[[nn.Module], dict] | None = None):
+        self.cfg, self.dist, self.monitor = cfg, dist_info, monitor
+        self.device = dist_info.device
+        self.output_dir = Path(cfg.output_dir)
+        torch.manual_seed(cfg.seed)
+
+        base = ImageFolder(cfg.data, allow_flat=True)
+        self.augmentation = MultiCropAugmentation(cfg.global_crops_size, cfg.local_crops_size,
+                                                  cfg.global_crops_scale, cfg.local_crops_scale,
+                                                  cfg.local_crops_number)
+        self.dataset = MultiCropDataset(base, self.augmentation, seed=cfg.seed)
+        self.sampler = ShardedSampler(len(self.dataset), dist_info.world_size, dist_info.rank, seed=cfg.seed)
+        self.iters_per_epoch = self.sampler.per_rank // cfg.batch_size_per_gpu
+        if self.iters_per_epoch == 0:
+            raise UserError(f"{len(base)} images in '{cfg.data}' are fewer than one batch of "
+                            f"{cfg.batch_size_per_gpu} x {dist_info.world_size} processes: lower --batch-size-per-gpu")
+
+        student, teacher = build_student_teacher(cfg)
+        student, teacher = student.to(self.device), teacher.to(self.device)
+        self.has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in student.modules())
+        if dist_info.enabled and self.has_bn:
+            student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+            teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
+        self.student, self.teacher = student, teacher  # unwrapped modules
+        self.student_ddp = student
+        self.teacher_ddp = teacher
+        if dist_info.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.student_ddp = DistributedDataParallel(student, device_ids=ids)
+            if self.has_bn:  # SyncBN in the teacher needs a DDP wrapper too
+                self.teacher_ddp = DistributedDataParallel(teacher, device_ids=ids)
+
+        groups = param_groups(student)
+        if cfg.optimizer == "adamw":
+            self.optimizer = torch.optim.AdamW(groups)
+        elif cfg.optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(groups, lr=0.0, momentum=0.9)
+        else:
+            raise UserError(f"unknown optimizer '{cfg.optimizer}': use adamw or sgd")
+        self.loss_fn = DINOLoss(cfg.out_dim, self.augmentation.ncrops, cfg.warmup_teacher_temp, cfg.teacher_temp,
+                                cfg.warmup_teacher_temp_epochs, cfg.epochs, cfg.student_temp,
+                                cfg.center_momentum).to(self.device)
+        self.amp_dtype = autocast_dtype(cfg, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
+
+        global_batch = cfg.batch_size_per_gpu * dist_info.world_size
+        ipe = self.iters_per_epoch
+        self.lr_schedule = cosine_schedule(scaled_lr(cfg.lr, global_batch), cfg.min_lr, cfg.epochs, ipe, cfg.warmup_epochs)
+        self.wd_schedule = cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, cfg.epochs, ipe)
+        self.momentum_schedule = cosine_schedule(cfg.momentum_teacher, 1.0, cfg.epochs, ipe)
+        self.start_epoch, self.start_step = 0, 0
+        self.log_path = self.output_dir / "log.jsonl"
+
+    # ---------------------------------------------------------------- state
+    def checkpoint_state(self, epoch_done: int, step: int) -> dict:
+        args = to_dict(self.cfg)
+        args["backbone"] = describe(self.teacher.backbone)
+        state = {
+            "student": {"module." + k: v for k, v in self.student.state_dict().items()},
+            "teacher": ({"module." + k: v for k, v in self.teacher.state_dict().items()}
+                        if self.has_bn and self.dist.enabled else self.teacher.state_dict()),
+            "optimizer": self.optimizer.state_dict(),
+            "epoch": epoch_done,
+            "step": step,
+            "args": args,
+            "dino_loss": self.loss_fn.state_dict(),
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        }
+        if self.scaler is not None:
+            state["fp16_scaler"] = self.scaler.state_dict()
+        return state
+
+    def save(self, epoch_done: int, step: int) -> None:
+        if not self.dist.is_main:
+            return
+        state = self.checkpoint_state(epoch_done, step)
+        atomic_save(state, self.output_dir / "checkpoint.pth")
+        freq = self.cfg.saveckp_freq
+        if step == 0 and freq and (epoch_done - 1) % freq == 0:
+            atomic_save(state, self.output_dir / f"checkpoint{epoch_done - 1:04d}.pth")
+
+    def maybe_resume(self) -> bool:
+        path = self.output_dir / "checkpoint.pth"
+        if not path.exists():
+            return False
+        state = safe_load(path)
+        try:
+            self.student.load_state_dict(strip_prefixes(state["student"]))
+            self.teacher.load_state_dict(strip_prefixes(state["teacher"]))
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.loss_fn.load_state_dict(state["dino_loss"])
+        except (KeyError, RuntimeError, ValueError) as error:
+            message = str(error).strip().splitlines()[0][:200]
+            raise UserError(f"cannot resume from '{path}' ({message}): it was written for another arch or "
+                            "config; choose a new --output-dir") from None
+        if self.scaler is not None and "fp16_scaler" in state:
+            self.scaler.load_state_dict(state["fp16_scaler"])
+        self.start_epoch, self.start_step = int(state["epoch"]), int(state.get("step", 0))
+        rng = state.get("rng")
+        if rng is not None:
+            torch.set_rng_state(rng["torch"])
+            if torch.cuda.is_available() and rng["cuda"]:
+                torch.cuda.set_rng_state_all(rng["cuda"])
+        return True
+
+    def log(self, record: dict) -> None:
+        if self.dist.is_main:
+            with open(self.log_path, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    # ---------------------------------------------------------------- steps
+    def train_step(self, crops: list[torch.Tensor], epoch: int, it: int) -> float:
+        cfg = self.cfg
+        for index, group in enumerate(self.optimizer.param_groups):
+            group["lr"] = float(self.lr_schedule[it])
+            if index == 0:
+                group["weight_decay"] = float(self.wd_schedule[it])
+        crops = [crop.to(self.device, non_blocking=True) for crop in crops]
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+            teacher_output = self.teacher_ddp(crops[:2])
+            student_output = self.student_ddp(crops)
+            loss = self.loss_fn(student_output, teacher_output, epoch)
+        if not math.isfinite(loss.item()):
+            raise UserError(f"loss is {loss.item()} at epoch {epoch}, iteration {it}: training diverged; "
+                            f"lower --lr or use --precision fp32 (last checkpoint in '{self.output_dir}' is intact)")
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        if cfg.clip_grad:
+            clip_gradients_per_parameter(self.student, cfg.clip_grad)
+        if epoch < cfg.freeze_last_layer:
+            for name, param in self.student.named_parameters():
+                if "last_layer" in name:
+                    param.grad = None
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        ema_update(self.teacher, self.student, float(self.momentum_schedule[it]))
+        return loss.item()
+
+    def make_loader(self) -> torch.utils.data.DataLoader:
+        """One loader for the run; the sampler (in this process) is re-aimed each epoch."""
+        workers = self.cfg.num_workers
+        return torch.utils.data.DataLoader(self.dataset, batch_size=self.cfg.batch_size_per_gpu, sampler=self.sampler,
+                                           num_workers=workers, pin_memory=self.device.type == "cuda",
+                                           drop_last=True, persistent_workers=workers > 0,
+                                           prefetch_factor=4 if workers else None)
+
+    def fit(self) -> dict:
+        cfg = self.cfg
+        resumed = self.maybe_resume()
+        if self.dist.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+        barrier(self.dist)
+        ipe, total_steps = self.iters_per_epoch, cfg.epochs * self.iters_per_epoch
+        it = self.start_epoch * ipe + self.start_step
+        summary = {"resumed": resumed, "start_iteration": it}
+        images_per_step = cfg.batch_size_per_gpu * self.dist.world_size
+        bar = tqdm(total=total_steps, initial=it, disable=not self.dist.is_main, desc="pretrain", unit="it", dynamic_ncols=True)
+        t_start, steps_done = time.perf_counter(), 0
+        stop = False
+        loader = self.make_loader()
+        for epoch in range(self.start_epoch, cfg.epochs):
+            first_step = self.start_step if epoch == self.start_epoch else 0
+            self.sampler.set_epoch(epoch, first_step, cfg.batch_size_per_gpu)
+            losses = []
+            for step, crops in enumerate(loader, start=first_step):
+                loss = self.train_step(crops, epoch, it)
+                losses.append(loss)
+                it, steps_done = it + 1, steps_done + 1
+                bar.update(1)
+                if it % max(cfg.log_every_steps, 1) == 0:
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.lr_schedule[it - 1]:.2e}")
+                    self.log({"kind": "step", "epoch": epoch, "iteration": it, "loss": loss,
+                              "lr": float(self.lr_schedule[it - 1]), "wd": float(self.wd_schedule[it - 1]),
+                              "teacher_momentum": float(self.momentum_schedule[it - 1])})
+                if cfg.max_steps and steps_done >= cfg.max_steps:
+                    stop = True
+                    break
+                if cfg.save_every_steps and it % cfg.save_every_steps == 0 and step + 1 < ipe:
+                    self.save(epoch, step + 1)
+            epoch_done = step + 1 == ipe if losses else True
+            if stop and not epoch_done:
+                self.save(epoch, step + 1)
+                break
+            record = {"kind": "epoch", "epoch": epoch, "train_loss": all_reduce_mean(sum(losses) / max(len(losses), 1), self.dist),
+                      "train_lr": float(self.lr_schedule[it - 1]), "train_wd": float(self.wd_schedule[it - 1]),
+                      "teacher_temp": self.loss_fn.teacher_temp(epoch)}
+            if self.monitor is not None and cfg.knn_every and ((epoch + 1) % cfg.knn_every == 0 or epoch + 1 == cfg.epochs):
+                if self.dist.is_main:
+                    record.update(self.monitor(self.teacher.backbone))
+                barrier(self.dist)
+            self.log(record)
+            self.save(epoch + 1, 0)
+            if stop:
+                break
+        bar.close()
+        elapsed = time.perf_counter() - t_start
+        summary.update(iterations=it, seconds=elapsed,
+                       images_per_second=steps_done * images_per_step / elapsed if elapsed > 0 else 0.0,
+                       peak_memory_gb=peak_memory_gb(self.device))
+        if self.dist.is_main:
+            self.log({"kind": "summary", **summary})
+        return summary
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak GPU memory allocated, or the process's peak resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

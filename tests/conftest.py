@@ -1,0 +1,28 @@
+"""Shared fixtures: the generated suite (tiny), the real-data location, threads."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path | None:
+    """``../shared/data`` beside the checkout (or $DINO_SHARED_DATA); None if absent."""
+    candidates = [os.environ.get("DINO_SHARED_DATA"), REPO.parent / "shared" / "data"]
+    for candidate in candidates:
+        if candidate and Path(candidate).is_dir():
+            return Path(candidate)
+    return None
+
+
+@pytest.fixture(scope="session")
+def tiny_suite(tmp_path_factory):
+    """A small generated classification suite: 10 classes x 12 train / 4 val, 32 px."""
+    from data.suite import write_classification
+    root = tmp_path_factory.mktemp("suite")
+    write_classification(root, n_train_per_class=12, n_val_per_class=4, image_size=32, seed=0, progress=False)
+    return root / "classification"

@@ -1,0 +1,170 @@
+"""The trainer end to end on a tiny config: learning, resume, DDP, bad input."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from data.errors import UserError, run_cli
+from pretrain import load_backbone
+from pretrain.checkpoint import safe_load, strip_prefixes
+from pretrain.config import resolve
+from pretrain.distributed import DistInfo
+from pretrain.train import main as train_main
+from pretrain.trainer import Trainer, build_student_teacher, param_groups
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = dict(arch="vit", embed_dim=32, depth=2, num_heads=2, patch_size=8, img_size=32, drop_path_rate=0.0,
+            out_dim=64, hidden_dim=64, bottleneck_dim=32, global_crops_size=32, local_crops_size=16,
+            local_crops_number=2, batch_size_per_gpu=8, num_workers=0, lr=0.005, warmup_epochs=1,
+            epochs=2, momentum_teacher=0.99, saveckp_freq=1, log_every_steps=1)
+
+
+def tiny_cfg(data, out, **overrides):
+    return resolve("vanilla", data=str(data), output_dir=str(out), **{**TINY, **overrides})
+
+
+def cli_args(cfg_overrides: dict) -> list[str]:
+    args = []
+    for key, value in cfg_overrides.items():
+        flag = "--" + key.replace("_", "-")
+        args += [flag, *map(str, value)] if isinstance(value, tuple) else [flag, str(value)]
+    return args
+
+
+def teacher_state(out):
+    return strip_prefixes(safe_load(Path(out) / "checkpoint.pth")["teacher"])
+
+
+def test_param_groups_follow_the_official_rule():
+    student, _ = build_student_teacher(tiny_cfg("x", "y"))
+    groups = param_groups(student)
+    names = {id(p): n for n, p in student.named_parameters()}
+    decayed = {names[id(p)] for p in groups[0]["params"]}
+    not_decayed = {names[id(p)] for p in groups[1]["params"]}
+    assert {"backbone.pos_embed", "backbone.cls_token", "backbone.patch_embed.proj.weight"} <= decayed
+    assert "backbone.blocks.0.norm1.weight" in not_decayed and "head.mlp.0.bias" in not_decayed
+    assert "head.last_layer.weight_g" not in decayed | not_decayed  # frozen gain: not optimised
+    assert groups[1]["weight_decay"] == 0.0
+
+
+def test_end_to_end_pretrain_then_knn(tiny_suite, tmp_path):
+    out = tmp_path / "run"
+    cfg = tiny_cfg(tiny_suite / "train", out, knn_every=1, knn_data=str(tiny_suite))
+    from pretrain.train import knn_monitor_for
+    summary = Trainer(cfg, DistInfo(), knn_monitor_for(cfg, torch.device("cpu"))).fit()
+    assert summary["iterations"] == 2 * (120 // 8)
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [0, 1]
+    assert all(r["teacher_temp"] == pytest.approx(0.04) for r in epochs)
+    steps = [r for r in records if r["kind"] == "step"]
+    assert steps[0]["lr"] == 0.0 and steps[0]["teacher_momentum"] == pytest.approx(0.99)
+    checkpoint = safe_load(out / "checkpoint.pth")
+    assert checkpoint["epoch"] == 2 and set(checkpoint) >= {"student", "teacher", "optimizer", "args", "dino_loss"}
+    assert all(k.startswith("module.") for k in checkpoint["student"])
+    assert (out / "checkpoint0000.pth").exists() and (out / "checkpoint0001.pth").exists()
+    # the monitor (exact search) and the evaluator (FAISS) agree on the trained teacher
+    from evaluate.knn import run_knn
+    top1, top5 = run_knn(load_backbone(out / "checkpoint.pth"), str(tiny_suite), 32, ks=(20,), num_workers=0)[20]
+    assert epochs[-1]["knn_top1_k20"] == pytest.approx(top1)
+    assert epochs[-1]["knn_top5_k20"] == pytest.approx(top5)
+    # the first epoch trains everything but the frozen last layer: prototypes unchanged
+    first = safe_load(out / "checkpoint0000.pth")["student"]
+    student_init, _ = build_student_teacher(tiny_cfg("x", "y"))
+    assert torch.equal(first["module.head.last_layer.weight_v"], student_init.state_dict()["head.last_layer.weight_v"])
+    assert not torch.equal(first["module.head.mlp.0.weight"], student_init.state_dict()["head.mlp.0.weight"])
+
+
+def test_resumed_run_equals_uninterrupted(tiny_suite, tmp_path):
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    Trainer(tiny_cfg(tiny_suite / "train", full), DistInfo()).fit()
+    first = Trainer(tiny_cfg(tiny_suite / "train", resumed, max_steps=7), DistInfo()).fit()
+    assert first["iterations"] == 7
+    assert safe_load(resumed / "checkpoint.pth")["step"] == 7  # stopped mid-epoch
+    second = Trainer(tiny_cfg(tiny_suite / "train", resumed), DistInfo()).fit()
+    assert second["resumed"] and second["start_iteration"] == 7
+    a, b = safe_load(full / "checkpoint.pth"), safe_load(resumed / "checkpoint.pth")
+    for key in ("student", "teacher"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), name
+    assert torch.equal(a["dino_loss"]["center"], b["dino_loss"]["center"])
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_process_ddp_equals_single_process(tiny_suite, tmp_path):
+    settings = dict(TINY, epochs=1, max_steps=4, warmup_epochs=0, saveckp_freq=0)
+    single = tmp_path / "single"
+    Trainer(tiny_cfg(tiny_suite / "train", single, **{**settings, "batch_size_per_gpu": 8}), DistInfo()).fit()
+    ddp = tmp_path / "ddp"
+    args = cli_args({**settings, "batch_size_per_gpu": 4, "data": tiny_suite / "train", "output_dir": ddp})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", "-m", "pretrain.train", "--preset", "vanilla", *args]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    a, b = safe_load(single / "checkpoint.pth"), safe_load(ddp / "checkpoint.pth")
+    for name, value in strip_prefixes(a["teacher"]).items():
+        assert torch.allclose(value, strip_prefixes(b["teacher"])[name], atol=2e-5), name
+    assert torch.allclose(a["dino_loss"]["center"], b["dino_loss"]["center"], atol=1e-5)
+
+
+def test_non_finite_loss_stops_with_checkpoint_intact(tiny_suite, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    Trainer(tiny_cfg(tiny_suite / "train", out, epochs=2, max_steps=15), DistInfo()).fit()
+    before = (out / "checkpoint.pth").read_bytes()
+    trainer = Trainer(tiny_cfg(tiny_suite / "train", out, epochs=2), DistInfo())
+    monkeypatch.setattr(trainer.loss_fn, "forward", lambda s, t, e: (s.sum() * float("nan")))
+    with pytest.raises(UserError, match="loss is nan .* training diverged"):
+        trainer.fit()
+    assert (out / "checkpoint.pth").read_bytes() == before
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("missing", "does not exist"),
+    ("empty", "no class sub-folders|no image"),
+    ("noimages", "no image"),
+    ("corrupt", "cannot decode image"),
+])
+def test_bad_data_gives_one_line_error(tmp_path, capsys, case, expected):
+    data = tmp_path / "data"
+    if case != "missing":
+        data.mkdir()
+    if case == "noimages":
+        (data / "cls").mkdir()
+        (data / "cls" / "notes.txt").write_text("x")
+    if case == "corrupt":
+        (data / "cls").mkdir()
+        for i in range(20):
+            (data / "cls" / f"{i:02d}.jpg").write_bytes(b"not an image")
+    args = ["--preset", "vanilla", *cli_args({**TINY, "data": data, "output_dir": tmp_path / "out", "epochs": 1})]
+    assert run_cli(train_main, args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ")
+    import re
+    assert re.search(expected, err[0])
+
+
+def test_bad_arch_patch_and_resume_from_other_arch(tiny_suite, tmp_path, capsys):
+    base = {**TINY, "data": tiny_suite / "train", "output_dir": tmp_path / "out", "epochs": 1, "max_steps": 1}
+    assert run_cli(train_main, ["--preset", "vanilla", *cli_args({**base, "arch": "vit_giant"})]) == 2
+    assert "unknown arch 'vit_giant'" in capsys.readouterr().err
+    named = {k: v for k, v in base.items() if k not in ("embed_dim", "depth", "num_heads", "img_size")}
+    assert run_cli(train_main, ["--preset", "vanilla", *cli_args({**named, "arch": "vit_small", "patch_size": 14})]) == 2
+    assert "does not support patch 14" in capsys.readouterr().err
+    assert run_cli(train_main, ["--preset", "vanilla", *cli_args(base)]) == 0
+    before = (tmp_path / "out" / "checkpoint.pth").read_bytes()
+    capsys.readouterr()
+    assert run_cli(train_main, ["--preset", "vanilla", *cli_args({**base, "embed_dim": 64})]) == 2
+    assert "cannot resume" in capsys.readouterr().err
+    assert (tmp_path / "out" / "checkpoint.pth").read_bytes() == before
