@@ -86,11 +86,13 @@ class MultiCropAugmentation:
     def __init__(self, global_size: int = 224, local_size: int = 96,
                  global_scale: tuple[float, float] = (0.4, 1.0),
                  local_scale: tuple[float, float] = (0.05, 0.4), n_local: int = 8,
-                 mean=IMAGENET_MEAN, std=IMAGENET_STD):
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD, saturation: float = 0.2, hue: float = 0.1,
+                 grayscale_p: float = 0.2):
         self.recipes = [CropRecipe(global_size, tuple(global_scale), blur_p=1.0),
                         CropRecipe(global_size, tuple(global_scale), blur_p=0.1, solarize_p=0.2)]
         self.recipes += [CropRecipe(local_size, tuple(local_scale), blur_p=0.5)] * n_local
         self.mean, self.std = list(mean), list(std)
+        self.saturation, self.hue, self.grayscale_p = saturation, hue, grayscale_p
 
     @property
     def ncrops(self) -> int:
@@ -103,8 +105,8 @@ class MultiCropAugmentation:
         if rng.random() < 0.5:
             out = ImageOps.mirror(out)
         if rng.random() < 0.8:
-            out = color_jitter(out, rng)
-        if rng.random() < 0.2:
+            out = color_jitter(out, rng, saturation=self.saturation, hue=self.hue)
+        if rng.random() < self.grayscale_p:
             out = ImageOps.grayscale(out).convert("RGB")
         if rng.random() <= recipe.blur_p:
             out = out.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.1, 2.0)))

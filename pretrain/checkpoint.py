@@ -85,14 +85,15 @@ def safe_load(path: str | os.PathLike):
                         "re-download or re-save it") from None
 
 
-def strip_prefixes(state_dict: dict) -> dict:
-    """Remove DDP/wrapper prefixes (``module.``, ``backbone.``) from every key."""
+def strip_prefixes(state_dict: dict, prefixes: tuple[str, ...] = WRAPPER_PREFIXES) -> dict:
+    """Remove leading wrapper prefixes (default: ``module.``, ``backbone.``,
+    ``_orig_mod.``) from every key, repeatedly."""
     cleaned = {}
     for key, value in state_dict.items():
         changed = True
         while changed:
             changed = False
-            for prefix in WRAPPER_PREFIXES:
+            for prefix in prefixes:
                 if key.startswith(prefix):
                     key, changed = key[len(prefix):], True
         cleaned[key] = value

@@ -60,6 +60,9 @@ class TrainConfig:
     global_crops_scale: tuple[float, float] = (0.4, 1.0)
     local_crops_scale: tuple[float, float] = (0.05, 0.4)
     local_crops_number: int = 8
+    jitter_saturation: float = 0.2  # ColorJitter saturation / hue and the grayscale probability
+    jitter_hue: float = 0.1
+    grayscale_p: float = 0.2
     # bookkeeping
     saveckp_freq: int = 20
     save_every_steps: int = 0  # also checkpoint every N steps (0: only at epoch ends)

@@ -109,7 +109,8 @@ class Trainer:
         base = ImageFolder(cfg.data, allow_flat=True)
         self.augmentation = MultiCropAugmentation(cfg.global_crops_size, cfg.local_crops_size,
                                                   cfg.global_crops_scale, cfg.local_crops_scale,
-                                                  cfg.local_crops_number)
+                                                  cfg.local_crops_number, saturation=cfg.jitter_saturation,
+                                                  hue=cfg.jitter_hue, grayscale_p=cfg.grayscale_p)
         self.dataset = MultiCropDataset(base, self.augmentation, seed=cfg.seed)
         self.sampler = ShardedSampler(len(self.dataset), dist_info.world_size, dist_info.rank, seed=cfg.seed)
         self.iters_per_epoch = self.sampler.per_rank // cfg.batch_size_per_gpu
@@ -188,12 +189,12 @@ class Trainer:
             return False
         state = safe_load(path)
         try:
-            self.student.load_state_dict(strip_prefixes(state["student"]))
-            self.teacher.load_state_dict(strip_prefixes(state["teacher"]))
+            self.student.load_state_dict(strip_prefixes(state["student"], ("module.",)))
+            self.teacher.load_state_dict(strip_prefixes(state["teacher"], ("module.",)))
             self.optimizer.load_state_dict(state["optimizer"])
             self.loss_fn.load_state_dict(state["dino_loss"])
         except (KeyError, RuntimeError, ValueError) as error:
-            message = str(error).strip().splitlines()[0][:200]
+            message = " ".join(str(error).split())[:240]
             raise UserError(f"cannot resume from '{path}' ({message}): it was written for another arch or "
                             "config; choose a new --output-dir") from None
         if self.scaler is not None and "fp16_scaler" in state:
@@ -267,43 +268,45 @@ class Trainer:
         images_per_step = cfg.batch_size_per_gpu * self.dist.world_size
         bar = tqdm(total=total_steps, initial=it, disable=not self.dist.is_main, desc="pretrain", unit="it", dynamic_ncols=True)
         t_start, steps_done = time.perf_counter(), 0
-        stop = False
-        loader = self.make_loader()
-        for epoch in range(self.start_epoch, cfg.epochs):
-            first_step = self.start_step if epoch == self.start_epoch else 0
-            self.sampler.set_epoch(epoch, first_step, cfg.batch_size_per_gpu)
-            losses = []
-            for step, crops in enumerate(loader, start=first_step):
-                loss = self.train_step(crops, epoch, it)
-                losses.append(loss)
-                it, steps_done = it + 1, steps_done + 1
-                bar.update(1)
-                if it % max(cfg.log_every_steps, 1) == 0:
-                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.lr_schedule[it - 1]:.2e}")
-                    self.log({"kind": "step", "epoch": epoch, "iteration": it, "loss": loss,
-                              "lr": float(self.lr_schedule[it - 1]), "wd": float(self.wd_schedule[it - 1]),
-                              "teacher_momentum": float(self.momentum_schedule[it - 1])})
-                if cfg.max_steps and steps_done >= cfg.max_steps:
-                    stop = True
-                    break
-                if cfg.save_every_steps and it % cfg.save_every_steps == 0 and step + 1 < ipe:
+        try:
+            stop = False
+            loader = self.make_loader()
+            for epoch in range(self.start_epoch, cfg.epochs):
+                first_step = self.start_step if epoch == self.start_epoch else 0
+                self.sampler.set_epoch(epoch, first_step, cfg.batch_size_per_gpu)
+                losses = []
+                for step, crops in enumerate(loader, start=first_step):
+                    loss = self.train_step(crops, epoch, it)
+                    losses.append(loss)
+                    it, steps_done = it + 1, steps_done + 1
+                    bar.update(1)
+                    if it % max(cfg.log_every_steps, 1) == 0:
+                        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.lr_schedule[it - 1]:.2e}")
+                        self.log({"kind": "step", "epoch": epoch, "iteration": it, "loss": loss,
+                                  "lr": float(self.lr_schedule[it - 1]), "wd": float(self.wd_schedule[it - 1]),
+                                  "teacher_momentum": float(self.momentum_schedule[it - 1])})
+                    if cfg.max_steps and steps_done >= cfg.max_steps:
+                        stop = True
+                        break
+                    if cfg.save_every_steps and it % cfg.save_every_steps == 0 and step + 1 < ipe:
+                        self.save(epoch, step + 1)
+                epoch_done = step + 1 == ipe if losses else True
+                if stop and not epoch_done:
                     self.save(epoch, step + 1)
-            epoch_done = step + 1 == ipe if losses else True
-            if stop and not epoch_done:
-                self.save(epoch, step + 1)
-                break
-            record = {"kind": "epoch", "epoch": epoch, "train_loss": all_reduce_mean(sum(losses) / max(len(losses), 1), self.dist),
-                      "train_lr": float(self.lr_schedule[it - 1]), "train_wd": float(self.wd_schedule[it - 1]),
-                      "teacher_temp": self.loss_fn.teacher_temp(epoch)}
-            if self.monitor is not None and cfg.knn_every and ((epoch + 1) % cfg.knn_every == 0 or epoch + 1 == cfg.epochs):
-                if self.dist.is_main:
-                    record.update(self.monitor(self.teacher.backbone))
-                barrier(self.dist)
-            self.log(record)
-            self.save(epoch + 1, 0)
-            if stop:
-                break
-        bar.close()
+                    break
+                record = {"kind": "epoch", "epoch": epoch, "train_loss": all_reduce_mean(sum(losses) / max(len(losses), 1), self.dist),
+                          "train_lr": float(self.lr_schedule[it - 1]), "train_wd": float(self.wd_schedule[it - 1]),
+                          "teacher_temp": self.loss_fn.teacher_temp(epoch)}
+                if self.monitor is not None and cfg.knn_every and ((epoch + 1) % cfg.knn_every == 0 or epoch + 1 == cfg.epochs):
+                    if self.dist.is_main:
+                        record.update(self.monitor(self.teacher.backbone))
+                    barrier(self.dist)
+                self.log(record)
+                self.save(epoch + 1, 0)
+                if stop:
+                    break
+        finally:
+            bar.close()
         elapsed = time.perf_counter() - t_start
         summary.update(iterations=it, seconds=elapsed,
                        images_per_second=steps_done * images_per_step / elapsed if elapsed > 0 else 0.0,

@@ -23,11 +23,12 @@ def test_hand_computed_vote():
     scores = weighted_vote(sims, labels[idx], num_classes=2, temperature=0.07)
     assert scores[0, 0].item() == pytest.approx(math.exp(1 / 0.07), rel=1e-6)
     assert scores[0, 1].item() == pytest.approx(math.exp(0.5 / 0.07) + math.exp(0.0), rel=1e-6)
-    # With T = 1 two class-1 neighbours (e^0.5 + e^0 = 2.65) outweigh one class-0 neighbour (e^1 = 2.72)? No:
+    # T = 1: one class-0 neighbour (e^1 = 2.72) still outweighs two of class 1 (e^0.5 + e^0 = 2.65)
     scores_t1 = weighted_vote(sims, labels[idx], 2, temperature=1.0)
-    assert scores_t1.argmax().item() == 0
+    assert scores_t1[0].tolist() == pytest.approx([math.e, math.exp(0.5) + 1.0])
     result = knn_scores(train, labels, query, torch.tensor([1]), ks=(1, 3), temperature=0.07)
-    assert result[1] == (0.0, 100.0)  # nearest neighbour is class 0; class 1 is second of two (top-min(5,k,C))
+    assert result[1] == (0.0, 0.0)  # top-min(5, k) with k = 1 is top-1
+    assert result[3] == (0.0, 100.0)  # class 1 ranks second of two
 
 
 def test_faiss_equals_brute_force():
