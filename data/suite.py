@@ -8,14 +8,18 @@ of ImageNet (``classification/{train,val}/<class>/<index>.png``); the other
 protocols (retrieval, copy detection, video and mask segmentation) go beside
 `write_classification` and reuse `render_object_image` and `_write_atomically`.
 
-What an image shows, and why: one foreground object whose SHAPE is the class,
-with foreground and background colours drawn independently at random (kept at
+What an image shows, and why: one foreground object whose SHAPE and surface
+TEXTURE (two tones of its colour, `CLASS_TEXTURES`) are the class, with
+foreground and background colours drawn independently at random (kept at
 least `MIN_CONTRAST` luminance levels apart), a random position, size (40-80%
 of the side) and rotation, over a cluttered background (random colour
 gradient, smooth colour blotches, pixel noise, 2-4 small distractor strokes and
 dots). Colour and position carry no class information, so a kNN on raw pixels
-or on a random network does poorly, while features that learn shape invariant
-to colour, position and crop -- what DINO's augmentations teach -- do well.
+or on a random network does poorly, while features that learn shape and
+texture invariant to colour, position and crop -- what DINO's augmentations
+teach -- do well. (With flat-coloured objects, a short CPU pretraining only
+learnt the colours: two crops of one image share them, so they are the
+easiest cue; the textures give a class cue that is as quick to learn.)
 Shapes are drawn at `SUPERSAMPLING` times the resolution and downsampled with
 LANCZOS, so edges are anti-aliased like a photograph's.
 
@@ -36,7 +40,7 @@ from tqdm import tqdm
 
 from data.errors import UserError, run_cli
 
-SUITE_VERSION = 1  # bump whenever the rendering changes, so stale suites are regenerated
+SUITE_VERSION = 2  # bump whenever the rendering changes, so stale suites are regenerated
 CLASS_NAMES = ("circle", "square", "triangle", "cross", "ring",
                "star", "bar", "diamond", "crescent", "heart")
 SPLIT_IDS = {"train": 0, "val": 1}
@@ -47,6 +51,13 @@ BLOTCH_AMPLITUDE = 15  # max per-channel offset of the smooth background blotche
 PIXEL_NOISE_STD = 6.0
 OBJECT_DIAMETER_RANGE = (0.4, 0.8)  # fraction of the image side
 OBJECT_MARGIN_PX = 1.0
+# Each class's object is filled with its own two-tone texture (in image
+# coordinates, period in output pixels), so a class has a shape AND a surface
+# pattern, like a natural category; its colours stay random.
+CLASS_TEXTURES = {"circle": "hstripes", "square": "vstripes", "triangle": "checker", "cross": "dots",
+                  "ring": "solid", "star": "diagonal", "bar": "grid", "diamond": "rings",
+                  "crescent": "coarse_checker", "heart": "waves"}
+TEXTURE_PERIOD = 6.0
 
 
 def _regular_polygon(corners: int, first_angle_deg: float) -> np.ndarray:
@@ -113,6 +124,42 @@ def _draw_object_mask(draw: ImageDraw.ImageDraw, shape: str, centre, radius: flo
         rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
         points = np.asarray(centre) + radius * POLYGON_OUTLINES[shape] @ rotation.T
         draw.polygon([tuple(point) for point in points], fill=255)
+
+
+def _texture(name: str, size: int, rng: np.random.Generator, centre) -> np.ndarray:
+    """(size, size) bool: where the object shows its first colour. ``size`` is
+    the supersampled side; the pattern has a random phase."""
+    period = TEXTURE_PERIOD * SUPERSAMPLING
+    y, x = np.mgrid[0:size, 0:size].astype(np.float64) + rng.uniform(0, period, 2)[:, None, None]
+    half = lambda v, p=period: (v // (p / 2)) % 2 == 0  # noqa: E731
+    if name == "solid":
+        return np.ones((size, size), bool)
+    if name == "hstripes":
+        return half(y)
+    if name == "vstripes":
+        return half(x)
+    if name == "diagonal":
+        return half(x + y, period * 1.4)
+    if name == "checker":
+        return half(x) ^ half(y)
+    if name == "coarse_checker":
+        return half(x, 2 * period) ^ half(y, 2 * period)
+    if name == "dots":
+        return ((x % period - period / 2) ** 2 + (y % period - period / 2) ** 2) > (0.3 * period) ** 2
+    if name == "grid":
+        return (x % period > 0.35 * period) & (y % period > 0.35 * period)
+    if name == "rings":
+        cy, cx = centre
+        return half(np.hypot(np.arange(size)[:, None] - cy, np.arange(size)[None, :] - cx))
+    if name == "waves":
+        return half(y + 0.25 * period * np.sin(2 * np.pi * x / (2 * period)))
+    raise ValueError(f"unknown texture {name}")
+
+
+def _second_tone(colour) -> np.ndarray:
+    """The texture's other colour: the object colour darkened (light objects) or lightened."""
+    colour = np.asarray(colour, dtype=np.float64)
+    return colour * 0.45 if _luminance(colour) > 110 else colour + (255 - colour) * 0.55
 
 
 def _luminance(rgb) -> np.ndarray:
@@ -186,7 +233,9 @@ def render_object_image(rng: np.random.Generator, class_index: int, image_size: 
     mask = Image.new("L", (big, big), 0)
     _draw_object_mask(ImageDraw.Draw(mask), CLASS_NAMES[class_index], centre * SUPERSAMPLING,
                       radius * SUPERSAMPLING, angle)
-    canvas.paste(tuple(int(c) for c in foreground), mask=mask)
+    texture = _texture(CLASS_TEXTURES[CLASS_NAMES[class_index]], big, rng, centre[::-1] * SUPERSAMPLING)
+    fill = np.where(texture[..., None], foreground, _second_tone(foreground)).astype(np.uint8)
+    canvas.paste(Image.fromarray(fill), mask=mask)
 
     small = np.asarray(canvas.resize((image_size, image_size), Image.LANCZOS), dtype=np.float64)
     noisy = small + rng.normal(0.0, PIXEL_NOISE_STD, small.shape)

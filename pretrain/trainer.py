@@ -221,7 +221,8 @@ class Trainer:
                 group["weight_decay"] = float(self.wd_schedule[it])
         crops = [crop.to(self.device, non_blocking=True) for crop in crops]
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-            teacher_output = self.teacher_ddp(crops[:2])
+            with torch.no_grad():
+                teacher_output = self.teacher_ddp(crops[:2])
             student_output = self.student_ddp(crops)
             loss = self.loss_fn(student_output, teacher_output, epoch)
         if not math.isfinite(loss.item()):
@@ -255,61 +256,73 @@ class Trainer:
                                            drop_last=True, persistent_workers=workers > 0,
                                            prefetch_factor=4 if workers else None)
 
+    def max_steps_reached(self) -> bool:
+        return bool(self.cfg.max_steps) and self.steps_done >= self.cfg.max_steps
+
+    def train_epoch(self, loader, epoch: int, first_step: int, bar: tqdm) -> list[float]:
+        """Steps ``first_step``.. of ``epoch`` (fewer if ``max_steps`` is reached)."""
+        cfg = self.cfg
+        self.sampler.set_epoch(epoch, first_step, cfg.batch_size_per_gpu)
+        losses = []
+        for step, crops in enumerate(loader, start=first_step):
+            it = self.iteration
+            loss = self.train_step(crops, epoch, it)
+            losses.append(loss)
+            self.iteration, self.steps_done = it + 1, self.steps_done + 1
+            bar.update(1)
+            if self.iteration % max(cfg.log_every_steps, 1) == 0:
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.lr_schedule[it]:.2e}")
+                self.log({"kind": "step", "epoch": epoch, "iteration": self.iteration, "loss": loss,
+                          "lr": float(self.lr_schedule[it]), "wd": float(self.wd_schedule[it]),
+                          "teacher_momentum": float(self.momentum_schedule[it])})
+            if self.max_steps_reached():
+                break
+            if cfg.save_every_steps and self.iteration % cfg.save_every_steps == 0 and step + 1 < self.iters_per_epoch:
+                self.save(epoch, step + 1)
+        return losses
+
+    def end_epoch(self, epoch: int, losses: list[float]) -> None:
+        """Epoch record (means, teacher temperature, kNN monitor) and checkpoint."""
+        cfg, it = self.cfg, self.iteration - 1
+        record = {"kind": "epoch", "epoch": epoch,
+                  "train_loss": all_reduce_mean(sum(losses) / max(len(losses), 1), self.dist),
+                  "train_lr": float(self.lr_schedule[it]), "train_wd": float(self.wd_schedule[it]),
+                  "teacher_temp": self.loss_fn.teacher_temp(epoch)}
+        if self.monitor is not None and cfg.knn_every and ((epoch + 1) % cfg.knn_every == 0 or epoch + 1 == cfg.epochs):
+            if self.dist.is_main:
+                record.update(self.monitor(self.teacher.backbone))
+            barrier(self.dist)
+        self.log(record)
+        self.save(epoch + 1, 0)
+
     def fit(self) -> dict:
+        """Train from the last checkpoint (if any) to the end; returns a summary."""
         cfg = self.cfg
         resumed = self.maybe_resume()
         if self.dist.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
         barrier(self.dist)
-        ipe, total_steps = self.iters_per_epoch, cfg.epochs * self.iters_per_epoch
-        it = self.start_epoch * ipe + self.start_step
-        summary = {"resumed": resumed, "start_iteration": it}
-        images_per_step = cfg.batch_size_per_gpu * self.dist.world_size
-        bar = tqdm(total=total_steps, initial=it, disable=not self.dist.is_main, desc="pretrain", unit="it", dynamic_ncols=True)
-        t_start, steps_done = time.perf_counter(), 0
-        try:
-            stop = False
-            loader = self.make_loader()
+        self.iteration = self.start_epoch * self.iters_per_epoch + self.start_step
+        self.steps_done = 0
+        summary = {"resumed": resumed, "start_iteration": self.iteration}
+        loader = self.make_loader()
+        t_start = time.perf_counter()
+        with tqdm(total=cfg.epochs * self.iters_per_epoch, initial=self.iteration, disable=not self.dist.is_main,
+                  desc="pretrain", unit="it", dynamic_ncols=True) as bar:
             for epoch in range(self.start_epoch, cfg.epochs):
                 first_step = self.start_step if epoch == self.start_epoch else 0
-                self.sampler.set_epoch(epoch, first_step, cfg.batch_size_per_gpu)
-                losses = []
-                for step, crops in enumerate(loader, start=first_step):
-                    loss = self.train_step(crops, epoch, it)
-                    losses.append(loss)
-                    it, steps_done = it + 1, steps_done + 1
-                    bar.update(1)
-                    if it % max(cfg.log_every_steps, 1) == 0:
-                        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.lr_schedule[it - 1]:.2e}")
-                        self.log({"kind": "step", "epoch": epoch, "iteration": it, "loss": loss,
-                                  "lr": float(self.lr_schedule[it - 1]), "wd": float(self.wd_schedule[it - 1]),
-                                  "teacher_momentum": float(self.momentum_schedule[it - 1])})
-                    if cfg.max_steps and steps_done >= cfg.max_steps:
-                        stop = True
-                        break
-                    if cfg.save_every_steps and it % cfg.save_every_steps == 0 and step + 1 < ipe:
-                        self.save(epoch, step + 1)
-                epoch_done = step + 1 == ipe if losses else True
-                if stop and not epoch_done:
-                    self.save(epoch, step + 1)
+                losses = self.train_epoch(loader, epoch, first_step, bar)
+                if first_step + len(losses) < self.iters_per_epoch:  # stopped mid-epoch by max_steps
+                    self.save(epoch, first_step + len(losses))
                     break
-                record = {"kind": "epoch", "epoch": epoch, "train_loss": all_reduce_mean(sum(losses) / max(len(losses), 1), self.dist),
-                          "train_lr": float(self.lr_schedule[it - 1]), "train_wd": float(self.wd_schedule[it - 1]),
-                          "teacher_temp": self.loss_fn.teacher_temp(epoch)}
-                if self.monitor is not None and cfg.knn_every and ((epoch + 1) % cfg.knn_every == 0 or epoch + 1 == cfg.epochs):
-                    if self.dist.is_main:
-                        record.update(self.monitor(self.teacher.backbone))
-                    barrier(self.dist)
-                self.log(record)
-                self.save(epoch + 1, 0)
-                if stop:
+                self.end_epoch(epoch, losses)
+                if self.max_steps_reached():
                     break
-        finally:
-            bar.close()
         elapsed = time.perf_counter() - t_start
-        summary.update(iterations=it, seconds=elapsed,
-                       images_per_second=steps_done * images_per_step / elapsed if elapsed > 0 else 0.0,
+        images = self.steps_done * cfg.batch_size_per_gpu * self.dist.world_size
+        summary.update(iterations=self.iteration, seconds=elapsed,
+                       images_per_second=images / elapsed if elapsed > 0 else 0.0,
                        peak_memory_gb=peak_memory_gb(self.device))
         if self.dist.is_main:
             self.log({"kind": "summary", **summary})

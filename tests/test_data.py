@@ -298,7 +298,11 @@ def test_suite_object_contrasts_with_background():
     for index in range(30):
         image, mask = suite.render_object_image(suite.image_rng(5, "val", index % 10, index), index % 10, 32)
         brightness = np.asarray(image, dtype=np.float64) @ luminance
-        gap = abs(brightness[mask == 255].mean() - brightness[mask == 0].mean())
+        # the object's first tone (its sampled colour) keeps the contrast; the
+        # texture's second tone may sit closer to the background
+        background = brightness[mask == 0].mean()
+        inside = brightness[mask == 255]
+        gap = max(abs(np.percentile(inside, 90) - background), abs(np.percentile(inside, 10) - background))
         assert gap > 50
 
 
