@@ -10,11 +10,12 @@ untimed steps first. Prints one row per config.
 from __future__ import annotations
 
 import argparse
-import resource
+import os
 import tempfile
 import time
 
 import torch
+from PIL import Image
 
 from pretrain.config import resolve
 from pretrain.distributed import DistInfo
@@ -28,8 +29,6 @@ CONFIGS = {
 
 def make_folder(root: str, size: int) -> str:
     """A one-class folder of a few images (the trainer needs a dataset to size its schedules)."""
-    from PIL import Image
-    import os
     os.makedirs(f"{root}/c", exist_ok=True)
     for i in range(4):
         Image.new("RGB", (size, size), (i * 40, 80, 120)).save(f"{root}/c/{i}.png")

@@ -18,8 +18,8 @@ import torch
 
 from data.errors import run_cli
 from data.suite import write_classification
-from pretrain import load_backbone
 from pretrain import train as train_cli
+from pretrain.checkpoint import load_backbone_with_args
 
 from .knn import run_knn, trained_crop_size
 
@@ -50,10 +50,10 @@ def main(argv=None) -> int:
 
     print("[3/3] weighted 20-NN on the suite's val split", flush=True)
     checkpoint = output_dir / "checkpoint.pth"
-    size = trained_crop_size(str(checkpoint))
     torch.manual_seed(args.seed)  # the same stream the trainer drew the student's initial weights from
-    random_model = load_backbone(checkpoint, random_weights=True)
-    trained_model = load_backbone(checkpoint)
+    random_model, _ = load_backbone_with_args(checkpoint, random_weights=True)
+    trained_model, train_args = load_backbone_with_args(checkpoint)
+    size = trained_crop_size(train_args)
     results = {}
     for name, model in (("random init", random_model), ("DINO (teacher)", trained_model)):
         top1, top5 = run_knn(model, str(data_root), size, ks=(20,), num_workers=0)[20]
@@ -66,8 +66,10 @@ def main(argv=None) -> int:
     for name, scores in results.items():
         print(f"{name:<16} {scores['top1']:>12.2f} {scores['top5']:>8.2f}")
     print(f"margin: {margin:+.2f} points top-1 | pretraining {train_seconds:.0f} s, total {total:.0f} s")
-    (output_dir / "demo_results.json").write_text(json.dumps(
+    summary_path = output_dir / "demo_results.json"
+    summary_path.with_suffix(".tmp").write_text(json.dumps(
         {"knn_k20": results, "margin_top1": margin, "seconds_total": total}, indent=2))
+    summary_path.with_suffix(".tmp").replace(summary_path)
     return 0
 
 

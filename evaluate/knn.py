@@ -14,30 +14,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import faiss
 import numpy as np
 import torch
-from torchvision import transforms
 
 from data.errors import UserError, run_cli
 from data.imagefolder import ImageFolder, split_root
-from pretrain import load_backbone
-from pretrain.checkpoint import read_backbone_file
-from pretrain.augment import IMAGENET_MEAN, IMAGENET_STD
+from pretrain.checkpoint import load_backbone_with_args
+from pretrain.augment import eval_transform
 from pretrain.monitor import extract_features, knn_scores
 
 DEFAULT_KS = (10, 20, 100, 200)
-
-
-def eval_transform(image_size: int = 224) -> transforms.Compose:
-    """Resize(image_size * 256/224, bicubic) -> CenterCrop(image_size) -> normalise."""
-    return transforms.Compose([
-        transforms.Resize(round(image_size * 256 / 224), interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(image_size),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
 
 
 def faiss_neighbours(train_features: torch.Tensor, query_features: torch.Tensor, k: int,
@@ -70,11 +59,8 @@ def run_knn(model: torch.nn.Module, data_root: str, image_size: int = 224, batch
     return knn_scores(train_f, train_y, val_f, val_y, ks, temperature, search=faiss_neighbours)
 
 
-def trained_crop_size(path: str) -> int | None:
-    """The global crop side a checkpoint of ours was trained at (None otherwise)."""
-    if path in (None, "random"):
-        return None
-    _, _, args = read_backbone_file(path)
+def trained_crop_size(args: dict | None) -> int | None:
+    """The global crop side of a checkpoint of ours (from its ``args``), else None."""
     return int(args["global_crops_size"]) if args and "global_crops_size" in args else None
 
 
@@ -98,16 +84,18 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
     if args.random_like:
-        model = load_backbone(args.random_like, key=args.key, random_weights=True)
+        model, train_args = load_backbone_with_args(args.random_like, key=args.key, random_weights=True)
     else:
-        model = load_backbone(args.ckpt, args.arch, args.patch, key=args.key)
-    image_size = args.image_size or trained_crop_size(args.random_like or args.ckpt) or 224
+        model, train_args = load_backbone_with_args(args.ckpt, args.arch, args.patch, key=args.key)
+    image_size = args.image_size or trained_crop_size(train_args) or 224
     results = run_knn(model, args.data, image_size, args.batch_size, tuple(args.ks), args.temperature, args.num_workers)
     for k, (top1, top5) in results.items():
         print(f"{k}-NN: top-1 {top1:.2f}  top-5 {top5:.2f}")
     if args.json:
-        with open(args.json, "w") as handle:
+        tmp = f"{args.json}.tmp"
+        with open(tmp, "w") as handle:
             json.dump({str(k): {"top1": t1, "top5": t5} for k, (t1, t5) in results.items()}, handle)
+        os.replace(tmp, args.json)
     return 0
 
 

@@ -174,27 +174,36 @@ def load_backbone(path_or_none, arch: str | None = None, patch: int | None = Non
                   key: str = "teacher", random_weights: bool = False) -> nn.Module:
     """Build a backbone and load any checkpoint a user holds into it, exactly.
 
+    See ``load_backbone_with_args``; this returns the model alone.
+    """
+    return load_backbone_with_args(path_or_none, arch, patch, key, random_weights)[0]
+
+
+def load_backbone_with_args(path_or_none, arch: str | None = None, patch: int | None = None,
+                            key: str = "teacher", random_weights: bool = False) -> tuple[nn.Module, dict | None]:
+    """Build a backbone and load any checkpoint a user holds into it, exactly.
+
     ``path_or_none`` None or ``"random"`` gives a random initialisation of
     ``arch``/``patch``. Otherwise arch and patch are inferred from the file
     (our record, else tensor shapes); given values must agree. Every backbone
     parameter must be present with the right shape, or a ``UserError`` names
     the keys. ``random_weights`` builds the file's architecture but keeps the
     random initialisation (the baseline of a trained model). Returns the model
-    in eval mode.
+    in eval mode and the file's training ``args`` (ours) or None.
     """
     if path_or_none is None or str(path_or_none) == "random":
         if arch is None:
             raise UserError("a random initialisation needs an arch: pass --arch (e.g. vit_small)")
         model = build_backbone(arch, patch if patch is not None else (None if arch in CONVNETS else 16))
-        return model.eval()
-    state, spec, _ = read_backbone_file(path_or_none, key)
+        return model.eval(), None
+    state, spec, args = read_backbone_file(path_or_none, key)
     if arch is not None and arch != spec["arch"] or patch is not None and spec["patch"] is not None and patch != spec["patch"]:
         wanted = f"{arch}/{patch}" if patch is not None else str(arch)
         raise UserError(f"checkpoint '{path_or_none}' holds {describe_arch(spec)} weights, not {wanted}: "
                         "drop the arch/patch arguments or pass the matching ones")
     model = build_from_spec(spec)
     if random_weights:
-        return model.eval()
+        return model.eval(), args
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -206,4 +215,4 @@ def load_backbone(path_or_none, arch: str | None = None, patch: int | None = Non
                 parts.append(f"{label}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''} ({len(keys)})")
         raise UserError(f"checkpoint '{path_or_none}' does not fit {describe_arch(spec)}: {'; '.join(parts)}")
     model.load_state_dict(state, strict=True)
-    return model.eval()
+    return model.eval(), args

@@ -9,28 +9,22 @@ import argparse
 import json
 import os
 
-import torch
 
 from data.errors import UserError, run_cli
 from data.imagefolder import ImageFolder, split_root
 
 from . import config as config_module
+from .augment import eval_transform
 from .distributed import init_distributed
 from .monitor import make_knn_monitor
 from .trainer import Trainer
 
 
 def knn_monitor_for(cfg, device):
-    """The periodic kNN monitor on ``cfg.knn_data`` (train/ + val/), eval transform
-    Resize(r) + CenterCrop(s) with s = the global crop size, r = s * 256 / 224."""
-    from torchvision import transforms
-
-    from .augment import IMAGENET_MEAN, IMAGENET_STD
+    """The periodic kNN monitor on ``cfg.knn_data`` (train/ + val/), on the
+    evaluation view at the global crop size."""
     train_dir, val_dir = split_root(cfg.knn_data)
-    size = cfg.global_crops_size
-    transform = transforms.Compose([
-        transforms.Resize(round(size * 256 / 224), interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(size), transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    transform = eval_transform(cfg.global_crops_size)
     return make_knn_monitor(ImageFolder(train_dir, transform), ImageFolder(val_dir, transform), device)
 
 
@@ -48,7 +42,6 @@ def main(argv=None) -> int:
         raise UserError("no training data given: pass --data <image folder> (or DATA=... to make)")
     if cfg.num_workers > (os.cpu_count() or 1):
         cfg.num_workers = os.cpu_count() or 1
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
     dist_info = init_distributed()
     monitor = knn_monitor_for(cfg, dist_info.device) if cfg.knn_every and cfg.knn_data else None
     summary = Trainer(cfg, dist_info, monitor).fit()

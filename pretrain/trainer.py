@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import resource
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ from data.errors import UserError
 from data.imagefolder import ImageFolder
 
 from .augment import MultiCropAugmentation, MultiCropDataset
-from .backbones import build_backbone, describe, is_vit
+from .backbones import build_backbone, describe
 from .checkpoint import atomic_save, safe_load, strip_prefixes
 from .config import TrainConfig, to_dict
 from .distributed import DistInfo, all_reduce_mean, barrier

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from data.imagefolder import ImageFolder, split_root
-from evaluate.knn import eval_transform, faiss_neighbours, run_knn
+from evaluate.knn import faiss_neighbours, run_knn
+from pretrain.augment import eval_transform
 from pretrain.monitor import exact_neighbours, knn_scores, weighted_vote
 
 from conftest import shared_data_dir
