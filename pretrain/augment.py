@@ -99,12 +99,13 @@ class MultiCropAugmentation:
                  global_scale: tuple[float, float] = (0.4, 1.0),
                  local_scale: tuple[float, float] = (0.05, 0.4), n_local: int = 8,
                  mean=IMAGENET_MEAN, std=IMAGENET_STD, saturation: float = 0.2, hue: float = 0.1,
-                 grayscale_p: float = 0.2):
+                 grayscale_p: float = 0.2, blur_radius: tuple[float, float] = (0.1, 2.0)):
         self.recipes = [CropRecipe(global_size, tuple(global_scale), blur_p=1.0),
                         CropRecipe(global_size, tuple(global_scale), blur_p=0.1, solarize_p=0.2)]
         self.recipes += [CropRecipe(local_size, tuple(local_scale), blur_p=0.5)] * n_local
         self.mean, self.std = list(mean), list(std)
         self.saturation, self.hue, self.grayscale_p = saturation, hue, grayscale_p
+        self.blur_radius = tuple(blur_radius)
 
     @property
     def ncrops(self) -> int:
@@ -121,7 +122,7 @@ class MultiCropAugmentation:
         if rng.random() < self.grayscale_p:
             out = ImageOps.grayscale(out).convert("RGB")
         if rng.random() <= recipe.blur_p:
-            out = out.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.1, 2.0)))
+            out = out.filter(ImageFilter.GaussianBlur(radius=rng.uniform(*self.blur_radius)))
         if rng.random() < recipe.solarize_p:
             out = ImageOps.solarize(out, threshold=128)
         return TF.normalize(TF.to_tensor(out), self.mean, self.std)

@@ -63,6 +63,7 @@ class TrainConfig:
     jitter_saturation: float = 0.2  # ColorJitter saturation / hue and the grayscale probability
     jitter_hue: float = 0.1
     grayscale_p: float = 0.2
+    blur_radius: tuple[float, float] = (0.1, 2.0)  # PIL Gaussian blur radius range, in pixels
     # bookkeeping
     saveckp_freq: int = 20
     save_every_steps: int = 0  # also checkpoint every N steps (0: only at epoch ends)
@@ -89,15 +90,17 @@ PRESETS: dict[str, dict] = {
     # warm-up) against uniform collapse; a teacher momentum of 0.98, since
     # the paper's 0.996 (a ~250-step average) would span the whole short run;
     # stronger colour augmentation (hue 0.5, saturation 0.8, grayscale 0.5)
-    # so two crops cannot be matched by their colours alone. See README,
-    # "The demo", for what it measures today.
+    # so two crops cannot be matched by their colours alone; the Gaussian
+    # blur radius scaled by 32/224 like the images (2 px on a 32-px image
+    # would erase the suite's textures). See README, "The demo", for what it
+    # measures today.
     "demo": dict(arch="vit", embed_dim=192, depth=4, num_heads=3, patch_size=8, img_size=32,
                  drop_path_rate=0.0, out_dim=256, hidden_dim=512, bottleneck_dim=128, use_bn_in_head=True,
                  epochs=8, batch_size_per_gpu=64, lr=0.005, min_lr=1e-5, warmup_epochs=1,
                  momentum_teacher=0.98, teacher_temp=0.02, warmup_teacher_temp=0.02,
                  global_crops_size=32, local_crops_size=16, local_crops_number=4,
                  global_crops_scale=(0.4, 1.0), local_crops_scale=(0.1, 0.4),
-                 jitter_hue=0.5, jitter_saturation=0.8, grayscale_p=0.5,
+                 jitter_hue=0.5, jitter_saturation=0.8, grayscale_p=0.5, blur_radius=(0.015, 0.3),
                  num_workers=1, saveckp_freq=0, knn_every=0, log_every_steps=10),
 }
 

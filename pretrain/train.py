@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     config_module.add_arguments(parser)
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if k != "preset"}
-    for name in ("global_crops_scale", "local_crops_scale"):
+    for name in ("global_crops_scale", "local_crops_scale", "blur_radius"):
         if overrides.get(name) is not None:
             overrides[name] = tuple(overrides[name])
     cfg = config_module.resolve(args.preset, **overrides)

@@ -109,7 +109,8 @@ class Trainer:
         self.augmentation = MultiCropAugmentation(cfg.global_crops_size, cfg.local_crops_size,
                                                   cfg.global_crops_scale, cfg.local_crops_scale,
                                                   cfg.local_crops_number, saturation=cfg.jitter_saturation,
-                                                  hue=cfg.jitter_hue, grayscale_p=cfg.grayscale_p)
+                                                  hue=cfg.jitter_hue, grayscale_p=cfg.grayscale_p,
+                                                  blur_radius=cfg.blur_radius)
         self.dataset = MultiCropDataset(base, self.augmentation, seed=cfg.seed)
         self.sampler = ShardedSampler(len(self.dataset), dist_info.world_size, dist_info.rank, seed=cfg.seed)
         self.iters_per_epoch = self.sampler.per_rank // cfg.batch_size_per_gpu

@@ -79,3 +79,15 @@ def test_sampler_ranks_partition_the_single_process_batches(size, world, batch):
     sampler = ShardedSampler(size, world, world - 1, seed=5)
     sampler.set_epoch(2, start_step=1, batch_size=batch)
     assert [index for _, index in sampler] == ranks[-1][batch:]
+
+
+def test_blur_radius_range_is_configurable():
+    # identical random streams; only the blur radius differs, so only the blurred crops differ
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    sharp = MultiCropAugmentation(32, 16, n_local=0, blur_radius=(0.0, 0.0))(img, sample_rng(0, 0, 3))
+    blurred = MultiCropAugmentation(32, 16, n_local=0, blur_radius=(2.0, 2.0))(img, sample_rng(0, 0, 3))
+
+    def high_frequency(x):
+        return (x[:, 1:, :] - x[:, :-1, :]).abs().mean().item()
+
+    assert high_frequency(blurred[0]) < 0.5 * high_frequency(sharp[0])  # global crop 1 is always blurred
