@@ -19,6 +19,15 @@ def shared_data_dir() -> Path | None:
     return None
 
 
+def cifar10_sample() -> Path:
+    """The real CIFAR-10 ImageFolder sample in shared data; skips the test when absent."""
+    shared = shared_data_dir()
+    sample = shared / "cifar10_jpeg" / "imagefolder_small" if shared else None
+    if sample is None or not sample.is_dir():
+        pytest.skip("real CIFAR-10 sample (../shared/data/cifar10_jpeg/imagefolder_small) not present")
+    return sample
+
+
 @pytest.fixture(scope="session")
 def tiny_suite(tmp_path_factory):
     """A small generated classification suite: 10 classes x 12 train / 4 val, 32 px."""

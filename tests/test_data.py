@@ -12,6 +12,8 @@ from data import suite
 from data.errors import UserError, one_line_message, run_cli
 from data.imagefolder import IMAGE_EXTENSIONS, ImageFolder, load_rgb, split_root
 
+from conftest import cifar10_sample
+
 
 def _save_image(path: Path, colour=(10, 20, 30), size=(4, 4), mode="RGB") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -193,19 +195,8 @@ def test_split_root(tmp_path):
         split_root(tmp_path / "absent")
 
 
-def _shared_cifar_sample():
-    candidates = [Path(__file__).resolve().parents[2] / "shared" / "data"]
-    if os.environ.get("DINO_SHARED_DATA"):
-        candidates.insert(0, Path(os.environ["DINO_SHARED_DATA"]))
-    for shared_data in candidates:
-        sample = shared_data / "cifar10_jpeg" / "imagefolder_small"
-        if sample.is_dir():
-            return sample
-    pytest.skip("CIFAR-10 sample (shared/data/cifar10_jpeg/imagefolder_small) not present")
-
-
 def test_reads_real_cifar10_sample():
-    train_root, val_root = split_root(_shared_cifar_sample())
+    train_root, val_root = split_root(cifar10_sample())
     train, val = ImageFolder(train_root), ImageFolder(val_root)
     expected_classes = ["airplane", "automobile", "bird", "cat", "deer",
                         "dog", "frog", "horse", "ship", "truck"]

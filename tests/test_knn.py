@@ -10,7 +10,7 @@ from evaluate.knn import faiss_neighbours, run_knn
 from pretrain.augment import eval_transform
 from pretrain.monitor import exact_neighbours, knn_scores, weighted_vote
 
-from conftest import shared_data_dir
+from conftest import cifar10_sample
 
 
 def test_hand_computed_vote():
@@ -66,10 +66,7 @@ class Flatten(torch.nn.Module):
 
 
 def test_knn_on_real_cifar10_sample():
-    shared = shared_data_dir()
-    if shared is None or not (shared / "cifar10_jpeg" / "imagefolder_small").is_dir():
-        pytest.skip("real CIFAR-10 sample (../shared/data) not present")
-    root = shared / "cifar10_jpeg" / "imagefolder_small"
+    root = cifar10_sample()
     train_dir, val_dir = split_root(root)
     train_set = ImageFolder(train_dir, eval_transform(32))
     assert train_set.classes[:3] == ["airplane", "automobile", "bird"] and len(train_set) == 200
