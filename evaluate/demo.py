@@ -19,7 +19,8 @@ import torch
 from data.errors import run_cli
 from data.suite import write_classification
 from pretrain import train as train_cli
-from pretrain.checkpoint import load_backbone_with_args
+from pretrain.backbones import describe
+from pretrain.checkpoint import atomic_write_text, build_from_spec, load_backbone_with_args
 
 from .knn import run_knn, trained_crop_size
 
@@ -50,9 +51,9 @@ def main(argv=None) -> int:
 
     print("[3/3] weighted 20-NN on the suite's val split", flush=True)
     checkpoint = output_dir / "checkpoint.pth"
-    torch.manual_seed(args.seed)  # the same stream the trainer drew the student's initial weights from
-    random_model, _ = load_backbone_with_args(checkpoint, random_weights=True)
     trained_model, train_args = load_backbone_with_args(checkpoint)
+    torch.manual_seed(args.seed)  # the same stream the trainer drew the student's initial weights from
+    random_model = build_from_spec(describe(trained_model)).eval()
     size = trained_crop_size(train_args)
     results = {}
     for name, model in (("random init", random_model), ("DINO (teacher)", trained_model)):
@@ -66,10 +67,8 @@ def main(argv=None) -> int:
     for name, scores in results.items():
         print(f"{name:<16} {scores['top1']:>12.2f} {scores['top5']:>8.2f}")
     print(f"margin: {margin:+.2f} points top-1 | pretraining {train_seconds:.0f} s, total {total:.0f} s")
-    summary_path = output_dir / "demo_results.json"
-    summary_path.with_suffix(".tmp").write_text(json.dumps(
+    atomic_write_text(output_dir / "demo_results.json", json.dumps(
         {"knn_k20": results, "margin_top1": margin, "seconds_total": total}, indent=2))
-    summary_path.with_suffix(".tmp").replace(summary_path)
     return 0
 
 

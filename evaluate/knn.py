@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
 import faiss
 import numpy as np
@@ -22,7 +21,7 @@ import torch
 
 from data.errors import UserError, run_cli
 from data.imagefolder import ImageFolder, split_root
-from pretrain.checkpoint import load_backbone_with_args
+from pretrain.checkpoint import atomic_write_text, load_backbone_with_args
 from pretrain.augment import eval_transform
 from pretrain.monitor import extract_features, knn_scores
 
@@ -92,10 +91,7 @@ def main(argv=None) -> int:
     for k, (top1, top5) in results.items():
         print(f"{k}-NN: top-1 {top1:.2f}  top-5 {top5:.2f}")
     if args.json:
-        tmp = f"{args.json}.tmp"
-        with open(tmp, "w") as handle:
-            json.dump({str(k): {"top1": t1, "top5": t5} for k, (t1, t5) in results.items()}, handle)
-        os.replace(tmp, args.json)
+        atomic_write_text(args.json, json.dumps({str(k): {"top1": t1, "top5": t5} for k, (t1, t5) in results.items()}))
     return 0
 
 

@@ -66,6 +66,19 @@ def atomic_save(obj, path: str | os.PathLike) -> None:
         os.close(dir_fd)
 
 
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a small text file (JSON, CSV) atomically: temp file in the same folder, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def safe_load(path: str | os.PathLike):
     """Load a checkpoint without executing pickled code (tensors, containers,
     numbers, strings and ``argparse.Namespace`` only)."""

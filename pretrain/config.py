@@ -111,6 +111,8 @@ def resolve(preset: str = "vanilla", **overrides) -> TrainConfig:
         raise UserError(f"unknown preset '{preset}': choose one of {', '.join(PRESETS)}")
     values = dict(PRESETS[preset])
     values.update({k: v for k, v in overrides.items() if v is not None})
+    tuple_fields = {f.name for f in dataclasses.fields(TrainConfig) if isinstance(f.default, tuple)}
+    values.update({k: tuple(v) for k, v in values.items() if k in tuple_fields})  # argparse gives lists
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(values) - names)
     if unknown:

@@ -9,7 +9,6 @@ import argparse
 import json
 import os
 
-
 from data.errors import UserError, run_cli
 from data.imagefolder import ImageFolder, split_root
 
@@ -34,9 +33,6 @@ def main(argv=None) -> int:
     config_module.add_arguments(parser)
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if k != "preset"}
-    for name in ("global_crops_scale", "local_crops_scale", "blur_radius"):
-        if overrides.get(name) is not None:
-            overrides[name] = tuple(overrides[name])
     cfg = config_module.resolve(args.preset, **overrides)
     if not cfg.data:
         raise UserError("no training data given: pass --data <image folder> (or DATA=... to make)")

@@ -30,7 +30,7 @@ from data.imagefolder import ImageFolder
 
 from .augment import MultiCropAugmentation, MultiCropDataset
 from .backbones import build_backbone, describe
-from .checkpoint import atomic_save, safe_load, strip_prefixes
+from .checkpoint import atomic_save, atomic_write_text, safe_load, strip_prefixes
 from .config import TrainConfig, to_dict
 from .distributed import DistInfo, all_reduce_mean, barrier
 from .head import DINOHead, MultiCropWrapper
@@ -301,7 +301,7 @@ class Trainer:
         resumed = self.maybe_resume()
         if self.dist.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+            atomic_write_text(self.output_dir / "config.json", json.dumps(to_dict(cfg), indent=2))
         barrier(self.dist)
         self.iteration = self.start_epoch * self.iters_per_epoch + self.start_step
         self.steps_done = 0

@@ -172,3 +172,12 @@ def test_plain_pickle_without_weights_is_rejected(tmp_path):
         pickle.dump({"a": 1}, handle)
     with pytest.raises(UserError):
         load_backbone(path)
+
+
+def test_atomic_write_text_replaces_whole_file(tmp_path):
+    from pretrain.checkpoint import atomic_write_text
+    path = tmp_path / "out" / "results.json"
+    atomic_write_text(path, '{"a": 1}')
+    atomic_write_text(path, '{"a": 2}')
+    assert path.read_text() == '{"a": 2}'
+    assert [p.name for p in path.parent.iterdir()] == ["results.json"]
