@@ -335,8 +335,8 @@ def test_interrupted_generation_keeps_previous_suite_and_no_temp_folder(tmp_path
 
 
 def test_suite_cli_summary_and_bad_arguments(tmp_path, capsys):
-    argv = ["--out", str(tmp_path), "--train-per-class", "1", "--val-per-class", "1",
-            "--image-size", "16", "--no-progress"]
+    argv = ["--out", str(tmp_path), "--parts", "classification", "--train-per-class", "1",
+            "--val-per-class", "1", "--image-size", "16", "--no-progress"]
     assert run_cli(suite.main, argv) == 0
     assert run_cli(suite.main, argv) == 0
     lines = capsys.readouterr().out.splitlines()
