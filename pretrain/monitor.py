@@ -21,10 +21,25 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 
-@torch.no_grad()
+def compute_features(model: nn.Module, images: torch.Tensor, device: str | torch.device = "cpu",
+                     feature_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
+                     autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``feature_fn(model, images)`` (default ``model(images)``) on ``device``, no grad, as float32.
+
+    Under ``torch.autocast(dtype=autocast_dtype)`` when a dtype is given (bf16
+    on CUDA), in the model's own precision otherwise. Returns (B, D) on ``device``.
+    """
+    device = torch.device(device)
+    with torch.no_grad(), torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        images = images.to(device, non_blocking=True)
+        return (model(images) if feature_fn is None else feature_fn(model, images)).float()
+
+
 def extract_features(model: nn.Module, dataset, batch_size: int = 128, device: str | torch.device = "cpu",
-                     num_workers: int = 0, progress: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run ``model`` (eval mode, fp32) over ``dataset`` of (image, label).
+                     num_workers: int = 0, progress: str | None = None,
+                     feature_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
+                     autocast_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``model`` (eval mode) over ``dataset`` of (image, label), batch by batch (`compute_features`).
 
     Returns (features (N, D) float32 on CPU, labels (N,) int64), in dataset order.
     """
@@ -34,7 +49,7 @@ def extract_features(model: nn.Module, dataset, batch_size: int = 128, device: s
     model.eval()
     features, labels = [], []
     for images, targets in tqdm(loader, desc=progress, disable=progress is None, leave=False):
-        features.append(model(images.to(device, non_blocking=True)).float().cpu())
+        features.append(compute_features(model, images, device, feature_fn, autocast_dtype).cpu())
         labels.append(torch.as_tensor(targets))
     model.train(was_training)
     return torch.cat(features), torch.cat(labels).long()

@@ -1,0 +1,286 @@
+"""Batched feature extraction with an on-disk cache, shared by the evaluators.
+
+Feature functions of a backbone (`FeatureSpec`), for images x (B, 3, H, W):
+
+* ``cls``: ``model(x)``, the final-normed [CLS] (B, D) (the pooled 2048-d
+  feature for ResNet-50). kNN (B1) and retrieval (B3).
+* ``last_blocks``: with z_l the last n block outputs (each through the final
+  LayerNorm, `get_intermediate_layers`), [z_{L-n}[:, 0], ..., z_{L-1}[:, 0]]
+  (B, nD); with ``avgpool_patchtokens`` (n = 1 only) the [CLS] and the mean of
+  the patch tokens interleaved as the official code lays them out,
+  [cls_0, avg_0, cls_1, avg_1, ...] (B, 2D). Linear probe (B2).
+* ``copy_detection``: [CLS] ++ GeM_p(patch tokens) of the last block (B, 2D),
+  `evaluate.descriptors.copy_detection_descriptor`. Copy detection (B4).
+Any of them multi-scale: with ``scales`` (s_1..s_k) the feature is
+(1/k) sum_i f(resize_bilinear(x, s_i)), not normalised (B3's multiscale);
+a side shorter than one patch is first enlarged to one patch (`rescale`).
+
+Precision: fp32 on the CPU; on CUDA bf16 autocast by default (``fp32=True``
+forces fp32 as the official evaluators run). The extraction loop itself is
+`pretrain.monitor.extract_features`, which the training monitor uses too.
+
+Cache: one file per (model, dataset, transform, feature, precision), written
+with `pretrain.checkpoint.atomic_save` as ``{"key": dict, "features": (N, F),
+"labels": (N,)}``. The key holds a content hash of the model's weights (so a
+retrained checkpoint, another ``--key`` or another random seed never hits a
+stale entry, whatever its path), the dataset root, the split's name, a hash of
+its sample list (paths and labels; image contents are not hashed), the
+transform's repr and the feature spec. The file is named
+``<split>-<sha256(key)[:16]>.pth``; a file whose stored key differs, or which
+does not load, is recomputed and replaced.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from data.errors import UserError
+from data.imagefolder import load_rgb
+from pretrain.backbones import is_vit
+from pretrain.checkpoint import atomic_save, load_backbone_with_args, safe_load
+from pretrain.monitor import compute_features, extract_features
+
+from .descriptors import copy_detection_descriptor
+
+FEATURE_KINDS = ("cls", "last_blocks", "copy_detection")
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Which function of the backbone to extract (see the module docstring)."""
+    kind: str = "cls"
+    n_last_blocks: int = 1
+    avgpool_patchtokens: bool = False
+    gem_p: float = 4.0
+    scales: tuple[float, ...] = (1.0,)
+
+    def __post_init__(self):
+        if self.kind not in FEATURE_KINDS:
+            raise ValueError(f"unknown feature kind {self.kind!r}: use one of {FEATURE_KINDS}")
+        if self.avgpool_patchtokens and self.n_last_blocks != 1:
+            raise UserError(f"avg-pooled patch tokens go with the last block only, not n_last_blocks "
+                            f"{self.n_last_blocks}: pass --n-last-blocks 1 or drop --avgpool")
+        if not self.scales or any(s <= 0 for s in self.scales):
+            raise ValueError(f"scales must be positive, got {self.scales}")
+
+    def describe(self) -> str:
+        """A text identity of the spec (part of the cache key)."""
+        return json.dumps({"kind": self.kind, "n_last_blocks": self.n_last_blocks,
+                           "avgpool": self.avgpool_patchtokens, "gem_p": self.gem_p,
+                           "scales": list(self.scales)}, sort_keys=True)
+
+    def single_scale(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        """The feature of ``images`` (B, 3, H, W) at their own size: (B, F)."""
+        if self.kind == "cls":
+            return model(images)
+        if not is_vit(model):
+            raise UserError(f"feature '{self.kind}' needs a ViT's tokens: use the 'cls' feature for convnets")
+        if self.kind == "copy_detection":
+            return copy_detection_descriptor(model.get_intermediate_layers(images, 1)[0].float(), self.gem_p)
+        layers = model.get_intermediate_layers(images, self.n_last_blocks)
+        features = torch.cat([layer[:, 0] for layer in layers], dim=-1)
+        if self.avgpool_patchtokens:
+            patch_mean = layers[-1][:, 1:].mean(dim=1)
+            features = torch.stack([features, patch_mean], dim=-1).flatten(1)  # [cls_0, avg_0, cls_1, ...]
+        return features
+
+    def __call__(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, F): the mean of `single_scale` over ``scales`` (bilinear resizes)."""
+        min_side = getattr(model, "patch_size", 1)
+        total = None
+        for scale in self.scales:
+            feature = self.single_scale(model, rescale(images, scale, min_side)).float()
+            total = feature if total is None else total + feature
+        return total / len(self.scales)
+
+
+def rescale(images: torch.Tensor, scale: float, min_side: int = 1) -> torch.Tensor:
+    """Bilinear resize by ``scale`` (align_corners False), each side kept >= ``min_side``.
+
+    Sides floor(H * s), floor(W * s) as ``interpolate(scale_factor=s)`` gives
+    them (the official multiscale call, used whenever it yields at least one
+    patch per side). A side that would fall below one patch (a 1024 x 103
+    panorama at 1/2 scale) is resized to exactly ``min_side`` instead, where the
+    official code would fail on an empty token grid.
+    """
+    height, width = images.shape[-2:]
+    target = (max(math.floor(height * scale), min_side), max(math.floor(width * scale), min_side))
+    if target == (height, width):
+        return images
+    if target == (math.floor(height * scale), math.floor(width * scale)):
+        return F.interpolate(images, scale_factor=scale, mode="bilinear", align_corners=False)
+    return F.interpolate(images, size=target, mode="bilinear", align_corners=False)
+
+
+class ImageList(torch.utils.data.Dataset):
+    """Images given by a loader: ``dataset[i] = (transform(load(i)), i)``.
+
+    ``paths`` name the images (they make the cache key); ``load(i)`` returns
+    an RGB PIL image (default: `data.imagefolder.load_rgb` of ``paths[i]``),
+    e.g. a reader's query loader that crops. ``variant`` tells the cache what
+    ``load`` does beyond reading the file (e.g. "crop to bbx").
+    """
+
+    def __init__(self, paths, transform=None, load=None, variant: str = ""):
+        self.paths = [os.fspath(path) for path in paths]
+        self.root = os.path.commonpath(self.paths) if self.paths else ""
+        self.samples = [(path, index) for index, path in enumerate(self.paths)]
+        self.transform, self.load, self.variant = transform, load, variant
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        image = self.load(index) if self.load is not None else load_rgb(self.paths[index])
+        return (self.transform(image) if self.transform is not None else image), index
+
+
+def dataset_key(dataset) -> dict:
+    """What identifies a dataset's features: its samples (hashed), transform and loader variant."""
+    listing = "\n".join(f"{path}\t{label}" for path, label in dataset.samples)
+    return {"root": os.path.abspath(dataset.root),
+            "samples": hashlib.sha256(listing.encode()).hexdigest(), "num_samples": len(dataset.samples),
+            "transform": repr(dataset.transform), "variant": getattr(dataset, "variant", "")}
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """sha256 over the names, shapes, dtypes and bytes of every parameter and buffer."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        flat = tensor.detach().cpu().contiguous().reshape(-1)  # 1-D: 0-d buffers can be viewed as bytes too
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class FeatureExtractor:
+    """A frozen backbone plus how to extract from it: device, batch, precision, cache.
+
+    ``extractor(dataset, spec, split)`` -> (features (N, F) float32 CPU,
+    labels (N,) int64), read from ``cache_dir`` when a matching entry exists.
+    ``extractor.batch(images, spec)`` -> (B, F) float32 on the device (no
+    cache): the linear probe's augmented crops. The weights' fingerprint is
+    taken once, at the first cached call: the backbone is frozen.
+    """
+    model: nn.Module
+    device: torch.device | str | None = None
+    batch_size: int = 64
+    num_workers: int = 2
+    fp32: bool = False
+    cache_dir: str | os.PathLike | None = None
+    progress: bool = True
+    _fingerprint: str | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self):
+        self.device = torch.device(self.device) if self.device is not None else default_device()
+        self.model = self.model.eval().to(self.device)
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """bf16 on CUDA unless ``fp32``; None (no autocast, fp32) on the CPU."""
+        return torch.bfloat16 if self.device.type == "cuda" and not self.fp32 else None
+
+    def batch(self, images: torch.Tensor, spec: FeatureSpec) -> torch.Tensor:
+        return compute_features(self.model, images, self.device, spec, self.autocast_dtype)
+
+    def cache_key(self, dataset, spec: FeatureSpec, split: str) -> dict:
+        if self._fingerprint is None:
+            self._fingerprint = weights_fingerprint(self.model)
+        precision = "bf16-autocast" if self.autocast_dtype is not None else "fp32"
+        return {"version": CACHE_VERSION, "model": self._fingerprint, "split": split,
+                **dataset_key(dataset), "feature": spec.describe(), "precision": precision}
+
+    def __call__(self, dataset, spec: FeatureSpec = FeatureSpec(), split: str = "features",
+                 batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        path = key = None
+        if self.cache_dir is not None:
+            key = self.cache_key(dataset, spec, split)
+            digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+            path = Path(self.cache_dir) / f"{_file_safe(split)}-{digest}.pth"
+            cached = read_cache(path, key, len(dataset))
+            if cached is not None:
+                return cached
+        features, labels = extract_features(self.model, dataset, batch_size or self.batch_size, self.device,
+                                            self.num_workers, progress=f"{split} features" if self.progress else None,
+                                            feature_fn=spec, autocast_dtype=self.autocast_dtype)
+        if path is not None:
+            atomic_save({"key": key, "features": features, "labels": labels}, path)
+        return features, labels
+
+
+def read_cache(path: Path, key: dict, num_samples: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(features, labels) from a cache file holding exactly ``key``; None when absent, stale or unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        entry = safe_load(path)
+    except UserError as error:
+        tqdm.write(f"feature cache '{path}' is unreadable ({error}); recomputing")
+        return None
+    if not isinstance(entry, dict) or entry.get("key") != key or len(entry.get("features", ())) != num_samples:
+        return None
+    return entry["features"], entry["labels"]
+
+
+def _file_safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "features"
+
+
+# ------------------------------------------------------------- command line
+
+def run_name(ckpt: str, arch: str | None = None, patch: int | None = None) -> str:
+    """Name of a model's results folder: ``runs/<name>/checkpoint*.pth`` -> <name>;
+    another file -> its stem; ``random`` -> ``random-<arch>-p<patch>``."""
+    if str(ckpt) == "random":
+        return f"random-{arch}-p{patch}" if patch else f"random-{arch}"
+    path = Path(ckpt)
+    return path.parent.name if path.name.startswith("checkpoint") and path.parent.name else path.stem
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, batch_size: int = 64) -> None:
+    """The flags every evaluator shares: model source, extraction, cache, output."""
+    parser.add_argument("--ckpt", default="random", help="checkpoint path, or 'random' (needs --arch or --random-like)")
+    parser.add_argument("--arch", default=None, help="backbone arch (inferred from the checkpoint if omitted)")
+    parser.add_argument("--patch", type=int, default=None)
+    parser.add_argument("--key", default="teacher", help="checkpoint entry: teacher (default) or student")
+    parser.add_argument("--random-like", default=None, metavar="CKPT",
+                        help="score a random initialisation of CKPT's architecture (the trained model's baseline)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--fp32", action="store_true", help="no bf16 autocast on CUDA (the CPU is always fp32)")
+    parser.add_argument("--cache-dir", default=None,
+                        help="feature cache folder (default results/<run>/features)")
+    parser.add_argument("--no-cache", action="store_true", help="neither read nor write cached features")
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+
+
+def extractor_from_args(args: argparse.Namespace) -> tuple[FeatureExtractor, dict | None]:
+    """Seed, load the model the flags name, and wrap it; returns (extractor, the checkpoint's train args)."""
+    torch.manual_seed(args.seed)
+    if args.random_like:
+        model, train_args = load_backbone_with_args(args.random_like, key=args.key, random_weights=True)
+        name = run_name(args.random_like)
+    else:
+        model, train_args = load_backbone_with_args(args.ckpt, args.arch, args.patch, key=args.key)
+        name = run_name(args.ckpt, args.arch, args.patch)
+    cache_dir = None if args.no_cache else (args.cache_dir or os.path.join("results", name, "features"))
+    extractor = FeatureExtractor(model, batch_size=args.batch_size, num_workers=args.num_workers,
+                                 fp32=args.fp32, cache_dir=cache_dir)
+    return extractor, train_args
