@@ -1,10 +1,11 @@
 # DINO suite. Every target builds .venv on first use (from pyproject.toml).
-#   make demo     CPU demo: generate the suite, pretrain, kNN random vs trained
+#   make demo     CPU demo: generate the suite, pretrain, all six evaluations random vs trained
 #   make test     the test suite
 #   make pretrain ARCH=vit_small PATCH=8 DATA=/data/imagenet/train [PRESET=paper] [GPUS=8] ...
 #   make knn      CKPT=runs/x/checkpoint.pth DATA=/data/imagenet
+#   make eval-all CKPT=runs/x/checkpoint.pth [ARCH=.. PATCH=..] [DATA_ROOT=data/suite] [OUT=results/<run>] [FORCE=1]
 #   make data     write the embedded suite into data/suite/
-#   make bench    training throughput on this machine
+#   make bench    training and data-pipeline throughput on this machine
 
 PYTHON ?= python3
 VENV := .venv
@@ -27,8 +28,10 @@ MASTER_PORT ?= 29500
 SEED ?= 0
 EXTRA ?=
 CKPT ?=
+DATA_ROOT ?= data/suite
+FORCE ?=
 
-.PHONY: venv data demo test pretrain knn bench clean
+.PHONY: venv data demo test pretrain knn eval-all bench clean
 
 venv: $(STAMP)
 
@@ -64,8 +67,16 @@ knn: $(STAMP)
 	@test -n "$(CKPT)" -a -n "$(DATA)" || { echo "error: make knn needs CKPT=<checkpoint or random> and DATA=<folder with train/ and val/>" >&2; exit 2; }
 	$(PY) -m evaluate.knn --ckpt "$(CKPT)" --data "$(DATA)" $(if $(ARCH),--arch $(ARCH)) $(if $(PATCH),--patch $(PATCH)) $(EXTRA)
 
+# OUT is only passed when given on the command line (its default above is the pretraining run folder)
+eval-all: $(STAMP)
+	@test -n "$(CKPT)" || { echo "error: make eval-all needs CKPT=<checkpoint> (or CKPT=random ARCH=vit_small PATCH=16)" >&2; exit 2; }
+	$(PY) -m evaluate.eval_all --ckpt "$(CKPT)" --data-root "$(DATA_ROOT)" $(if $(ARCH),--arch $(ARCH)) \
+		$(if $(PATCH),--patch $(PATCH)) $(if $(filter command line environment,$(origin OUT)),--out "$(OUT)") \
+		$(if $(filter 1 yes true,$(FORCE)),--force) $(EXTRA)
+
 bench: $(STAMP)
 	$(PY) -m bench.train_throughput
+	$(PY) -m bench.augment_throughput
 
 clean:
 	rm -rf runs data/suite

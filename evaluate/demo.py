@@ -1,10 +1,18 @@
-"""``make demo``: the whole pipeline on the CPU in a few minutes.
+"""``make demo``: the whole pipeline on the CPU in about ten minutes.
 
-1. generate the embedded classification suite (``data/suite/classification``),
-2. pretrain the ``demo`` preset on its train split (fresh run in ``runs/demo``),
-3. score weighted 20-NN top-1 of a random initialisation of the same
-   architecture (the student's own starting weights) and of the trained
-   teacher, and print them side by side.
+1. generate the embedded suite, every part (``data/suite``; skipped when up to date),
+2. pretrain the ``demo`` preset on its classification train split (a fresh run in ``runs/demo``),
+3. run `evaluate.eval_all` -- k-NN, linear probe, retrieval, copy detection,
+   DAVIS propagation, VOC attention masks, with the suite-scaled settings of
+   `evaluate.eval_plan` (the linear probe on cached features) -- first for
+   the run's random twin (a random initialisation of the same architecture
+   drawn with the same seed: the student's own starting weights), then for
+   the trained teacher, both into ``results/<run>`` (recomputed from
+   scratch: ``force``),
+4. print one table, one row per metric: random init, DINO, their difference,
+   and each evaluator's time for both models; save it in
+   ``<run>/demo_results.json`` (``knn_k20`` and ``margin_top1`` as before,
+   plus ``metrics`` and ``seconds``).
 """
 from __future__ import annotations
 
@@ -14,62 +22,111 @@ import shutil
 import time
 from pathlib import Path
 
-import torch
-
+from data import suite as suite_cli
 from data.errors import run_cli
-from data.suite import write_classification
 from pretrain import train as train_cli
-from pretrain.backbones import describe
-from pretrain.checkpoint import atomic_write_text, build_from_spec, load_backbone_with_args
+from pretrain.checkpoint import atomic_write_text
 
-from .knn import run_knn, trained_crop_size
+from .eval_all import Outcome, evaluate_all, load_subject
+from .eval_plan import EvalOptions
+
+RANDOM, DINO = "random init", "DINO (teacher)"
+
+
+def headline(outcomes: list[Outcome]) -> dict[str, dict[str, float]]:
+    """{metric: {evaluator, seconds}} for the headline metrics of the evaluators that produced numbers."""
+    return {metric: {"evaluator": outcome.name, "value": outcome.metrics[metric], "seconds": outcome.seconds}
+            for outcome in outcomes for metric in outcome.headline if metric in outcome.metrics}
+
+
+def comparison(random_outcomes: list[Outcome], dino_outcomes: list[Outcome]) -> dict[str, dict]:
+    """{metric: {random init, DINO (teacher), difference, evaluator, seconds {model: s}}} for the metrics both have."""
+    random_rows, dino_rows = headline(random_outcomes), headline(dino_outcomes)
+    rows = {}
+    for metric, dino in dino_rows.items():
+        if metric in random_rows:
+            random = random_rows[metric]
+            rows[metric] = {RANDOM: random["value"], DINO: dino["value"], "difference": dino["value"] - random["value"],
+                            "evaluator": dino["evaluator"],
+                            "seconds": {RANDOM: random["seconds"], DINO: dino["seconds"]}}
+    return rows
+
+
+def format_comparison(rows: dict[str, dict]) -> str:
+    """One line per metric; an evaluator's times on its first metric's line."""
+    lines = [f"{'metric':<22} {RANDOM:>11} {'DINO':>8} {'difference':>11}   time random / DINO",
+             "-" * 78]
+    seen = set()
+    for metric, row in rows.items():
+        times = "" if row["evaluator"] in seen else \
+            f"   {row['evaluator']}: {row['seconds'][RANDOM]:.1f} s / {row['seconds'][DINO]:.1f} s"
+        seen.add(row["evaluator"])
+        lines.append(f"{metric:<22} {row[RANDOM]:>11.2f} {row[DINO]:>8.2f} {row['difference']:>+11.2f}{times}")
+    return "\n".join(lines)
+
+
+def evaluate_pair(checkpoint, suite_root, results=None, linear_epochs=None, seed: int = 0):
+    """eval-all of the random twin, then of the trained teacher; print the comparison.
+
+    Returns (the `comparison` rows, one line per failed evaluation).
+    """
+    options = EvalOptions(linear_epochs=linear_epochs, linear_cached=True)
+    outcomes = {}
+    for name, random_like, ckpt in ((RANDOM, checkpoint, None), (DINO, None, checkpoint)):
+        subject = load_subject(ckpt, random_like=random_like, seed=seed)
+        outcomes[name] = evaluate_all(subject, suite_root, results, options, force=True, seed=seed,
+                                      num_workers=0, progress=False)
+    rows = comparison(outcomes[RANDOM], outcomes[DINO])
+    print()
+    print(format_comparison(rows))
+    failed = [f"{o.name} ({name}): {o.message}" for name in outcomes for o in outcomes[name] if o.status == "failed"]
+    for line in failed:
+        print(f"FAILED {line}")
+    return rows, failed
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="CPU demo: suite -> DINO pretraining -> kNN vs random init")
+    parser = argparse.ArgumentParser(description="CPU demo: suite -> DINO pretraining -> six evaluations "
+                                                 "of random init vs the trained teacher")
     parser.add_argument("--suite", default="data/suite")
     parser.add_argument("--output-dir", default="runs/demo")
+    parser.add_argument("--results", default=None, help="eval-all folder (default results/<run>)")
     parser.add_argument("--epochs", type=int, default=None, help="override the demo preset's epochs")
+    parser.add_argument("--linear-epochs", type=int, default=None, help="default: the suite's (100)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     started = time.perf_counter()
 
     print("[1/3] embedded suite", flush=True)
-    write_classification(args.suite, seed=args.seed)
-    data_root = Path(args.suite) / "classification"
+    suite_cli.main(["--out", args.suite, "--seed", str(args.seed), "--no-progress"])
+    suite_seconds = time.perf_counter() - started
 
     print("[2/3] DINO pretraining (preset 'demo')", flush=True)
     output_dir = Path(args.output_dir)
     if output_dir.exists():
         shutil.rmtree(output_dir)
-    train_args = ["--preset", "demo", "--data", str(data_root / "train"), "--output-dir", str(output_dir),
-                  "--seed", str(args.seed)]
+    train_args = ["--preset", "demo", "--data", str(Path(args.suite) / "classification" / "train"),
+                  "--output-dir", str(output_dir), "--seed", str(args.seed)]
     if args.epochs:
         train_args += ["--epochs", str(args.epochs)]
     train_cli.main(train_args)
-    train_seconds = time.perf_counter() - started
+    train_seconds = time.perf_counter() - started - suite_seconds
 
-    print("[3/3] weighted 20-NN on the suite's val split", flush=True)
-    checkpoint = output_dir / "checkpoint.pth"
-    trained_model, train_args = load_backbone_with_args(checkpoint)
-    torch.manual_seed(args.seed)  # the same stream the trainer drew the student's initial weights from
-    random_model = build_from_spec(describe(trained_model)).eval()
-    size = trained_crop_size(train_args)
-    results = {}
-    for name, model in (("random init", random_model), ("DINO (teacher)", trained_model)):
-        top1, top5 = run_knn(model, str(data_root), size, ks=(20,), num_workers=0)[20]
-        results[name] = {"top1": top1, "top5": top5}
+    print("[3/3] six evaluations, random init then the trained teacher", flush=True)
+    rows, failed = evaluate_pair(output_dir / "checkpoint.pth", args.suite, args.results, args.linear_epochs,
+                                 args.seed)
+    eval_seconds = time.perf_counter() - started - suite_seconds - train_seconds
     total = time.perf_counter() - started
-    margin = results["DINO (teacher)"]["top1"] - results["random init"]["top1"]
-
-    print()
-    print(f"{'model':<16} {'20-NN top-1':>12} {'top-5':>8}")
-    for name, scores in results.items():
-        print(f"{name:<16} {scores['top1']:>12.2f} {scores['top5']:>8.2f}")
-    print(f"margin: {margin:+.2f} points top-1 | pretraining {train_seconds:.0f} s, total {total:.0f} s")
+    print(f"suite {suite_seconds:.0f} s | pretraining {train_seconds:.0f} s | evaluation {eval_seconds:.0f} s "
+          f"(both models) | total {total:.0f} s")
+    knn = {name: {"top1": rows.get("knn_top1", {}).get(name), "top5": rows.get("knn_top5", {}).get(name)}
+           for name in (RANDOM, DINO)}
     atomic_write_text(output_dir / "demo_results.json", json.dumps(
-        {"knn_k20": results, "margin_top1": margin, "seconds_total": total}, indent=2))
-    return 0
+        {"knn_k20": knn, "margin_top1": rows.get("knn_top1", {}).get("difference"), "metrics": rows,
+         "failed": failed,
+         "seconds": {"suite": suite_seconds, "pretraining": train_seconds, "evaluation": eval_seconds},
+         "seconds_total": total}, indent=2))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -176,7 +176,9 @@ class FeatureExtractor:
     labels (N,) int64), read from ``cache_dir`` when a matching entry exists.
     ``extractor.batch(images, spec)`` -> (B, F) float32 on the device (no
     cache): the linear probe's augmented crops. The weights' fingerprint is
-    taken once, at the first cached call: the backbone is frozen.
+    taken once, at the first cached call: the backbone is frozen. ``refresh``
+    recomputes each entry the first time this extractor is asked for it, even
+    when the cache holds it, and replaces it.
     """
     model: nn.Module
     device: torch.device | str | None = None
@@ -185,7 +187,9 @@ class FeatureExtractor:
     fp32: bool = False
     cache_dir: str | os.PathLike | None = None
     progress: bool = True
+    refresh: bool = False
     _fingerprint: str | None = field(default=None, init=False, repr=False)
+    _refreshed: set = field(default_factory=set, init=False, repr=False)
 
     def __post_init__(self):
         self.device = torch.device(self.device) if self.device is not None else default_device()
@@ -213,7 +217,7 @@ class FeatureExtractor:
             key = self.cache_key(dataset, spec, split)
             digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
             path = Path(self.cache_dir) / f"{_file_safe(split)}-{digest}.pth"
-            cached = read_cache(path, key, len(dataset))
+            cached = read_cache(path, key, len(dataset)) if not self.refresh or path in self._refreshed else None
             if cached is not None:
                 return cached
         features, labels = extract_features(self.model, dataset, batch_size or self.batch_size, self.device,
@@ -221,6 +225,7 @@ class FeatureExtractor:
                                             feature_fn=spec, autocast_dtype=self.autocast_dtype)
         if path is not None:
             atomic_save({"key": key, "features": features, "labels": labels}, path)
+            self._refreshed.add(path)
         return features, labels
 
 

@@ -23,7 +23,9 @@ from data.errors import UserError, run_cli
 from data.imagefolder import ImageFolder, split_root
 from pretrain.checkpoint import atomic_write_text, load_backbone_with_args
 from pretrain.augment import eval_transform
-from pretrain.monitor import extract_features, knn_scores
+from pretrain.monitor import knn_scores
+
+from .features import FeatureExtractor, FeatureSpec
 
 DEFAULT_KS = (10, 20, 100, 200)
 
@@ -43,18 +45,23 @@ def faiss_neighbours(train_features: torch.Tensor, query_features: torch.Tensor,
     return torch.from_numpy(similarities), torch.from_numpy(indices).long()
 
 
-def run_knn(model: torch.nn.Module, data_root: str, image_size: int = 224, batch_size: int = 128,
-            ks=DEFAULT_KS, temperature: float = 0.07, num_workers: int = 2, device=None) -> dict[int, tuple[float, float]]:
-    """Extract features of ``data_root``/train and /val and score weighted k-NN."""
+def run_knn(source, data_root: str, image_size: int = 224, batch_size: int = 128, ks=DEFAULT_KS,
+            temperature: float = 0.07, num_workers: int = 2, device=None) -> dict[int, tuple[float, float]]:
+    """Extract features of ``data_root``/train and /val and score weighted k-NN.
+
+    ``source``: a backbone (features in fp32, not cached; ``batch_size``,
+    ``num_workers`` and ``device`` say how) or a `FeatureExtractor` (its own
+    device, precision, batch size and feature cache).
+    """
     train_dir, val_dir = split_root(data_root)
     transform = eval_transform(image_size)
     train_set, val_set = ImageFolder(train_dir, transform), ImageFolder(val_dir, transform)
     if train_set.classes != val_set.classes:
         raise UserError(f"train and val of '{data_root}' have different class folders: they must match")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = model.to(device)
-    train_f, train_y = extract_features(model, train_set, batch_size, device, num_workers, progress="train features")
-    val_f, val_y = extract_features(model, val_set, batch_size, device, num_workers, progress="val features")
+    extractor = source if isinstance(source, FeatureExtractor) else \
+        FeatureExtractor(source, device, batch_size, num_workers, fp32=True)
+    train_f, train_y = extractor(train_set, FeatureSpec("cls"), "train")
+    val_f, val_y = extractor(val_set, FeatureSpec("cls"), "val")
     return knn_scores(train_f, train_y, val_f, val_y, ks, temperature, search=faiss_neighbours)
 
 

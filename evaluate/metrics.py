@@ -276,10 +276,11 @@ def read_sequence(davis_root: Path, pred_dir: Path, sequence: str):
     return gt_maps, np.stack(pred_maps), n_objects, scored
 
 
-def davis_j_and_f(davis_root, pred_dir, split: str = "val") -> dict:
+def davis_j_and_f(davis_root, pred_dir, split: str = "val", sequences=None) -> dict:
     """DAVIS-2017 semi-supervised scores (percent) of ``pred_dir/<seq>/<frame>.png``.
 
-    Sequences: lines of ``davis_root/ImageSets/2017/<split>.txt``; frames: the
+    Sequences: lines of ``davis_root/ImageSets/2017/<split>.txt`` (only those in
+    ``sequences`` when given, in the split's order); frames: the
     sorted ``Annotations/480p/<seq>/*.png`` without the first and the last.
     n_objects = max label of the first annotation; GT void (255) is background.
     Per object: J-Mean / F-Mean = mean over frames; global J / F = mean over all
@@ -291,7 +292,11 @@ def davis_j_and_f(davis_root, pred_dir, split: str = "val") -> dict:
     """
     davis_root, pred_dir = Path(davis_root), Path(pred_dir)
     split_file = davis_root / "ImageSets" / "2017" / f"{split}.txt"
-    sequences = read_split_file(split_file, "DAVIS", "pass --davis-root <folder with ImageSets/2017 and Annotations/480p>")
+    listed = read_split_file(split_file, "DAVIS", "pass --davis-root <folder with ImageSets/2017 and Annotations/480p>")
+    unknown = sorted(set(sequences or ()) - set(listed))
+    if unknown:
+        raise UserError(f"sequence(s) {', '.join(unknown)} not in '{split_file}': choose among {', '.join(listed)}")
+    sequences = [name for name in listed if sequences is None or name in sequences]
     if not pred_dir.is_dir():
         raise UserError(f"prediction folder '{pred_dir}' does not exist: pass --pred <folder with one sub-folder per sequence>")
     per_object, statistics = {}, {"J": [], "F": []}

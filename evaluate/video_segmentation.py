@@ -195,18 +195,6 @@ def prepare_output(output_dir: Path, settings: dict, sequences: list, split_sequ
     atomic_write_text(settings_path, json.dumps(settings, indent=2, sort_keys=True) + "\n")
 
 
-def score_predictions(davis_root, output_dir: Path, split: str, sequences: list, all_sequences: list) -> dict:
-    """`davis_j_and_f` of the predictions; a subset of the split is scored through a temporary split
-    file beside a link to the real annotations."""
-    if list(sequences) == list(all_sequences):
-        return davis_j_and_f(davis_root, output_dir, split)
-    with tempfile.TemporaryDirectory(prefix="davis-subset-") as view:
-        (Path(view) / "ImageSets" / "2017").mkdir(parents=True)
-        (Path(view) / "ImageSets" / "2017" / f"{split}.txt").write_text("".join(f"{s}\n" for s in sequences))
-        (Path(view) / "Annotations").symlink_to(Path(davis_root).resolve() / "Annotations")
-        return davis_j_and_f(view, output_dir, split)
-
-
 def run_video_segmentation(model: torch.nn.Module, davis_root, output_dir, split: str = "val",
                            sequences: list | None = None, options: PropagationOptions = PropagationOptions(),
                            force: bool = False, device=None, progress: bool = True,
@@ -242,7 +230,7 @@ def run_video_segmentation(model: torch.nn.Module, davis_root, output_dir, split
             bar.set_postfix_str(name)
             write_sequence(model, davis, name, first_label_maps[name], output_dir, options, device, bar,
                            max_affinity_elements)
-    scores = score_predictions(davis.root, output_dir, split, sequences, davis.sequences)
+    scores = davis_j_and_f(davis.root, output_dir, split, sequences)
     return {"J&F_mean": scores["J&F"], "J_mean": scores["J"], "F_mean": scores["F"],
             "J_recall": scores["J-Recall"], "J_decay": scores["J-Decay"],
             "F_recall": scores["F-Recall"], "F_decay": scores["F-Decay"]}

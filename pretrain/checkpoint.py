@@ -62,7 +62,8 @@ def safe_load(path: str | os.PathLike):
         first = lines[0].split(" was not")[0] if lines else "unsafe object"
         raise UserError(f"checkpoint '{path}' holds objects that are not weights and was not loaded "
                         f"({first[:160]}): re-save it as a plain state dict") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, IndexError, KeyError) as error:
+        # a few bytes of text reach the legacy unpickler, which fails with IndexError / KeyError
         raise UserError(f"checkpoint '{path}' is truncated or not a PyTorch file ({type(error).__name__}): "
                         "re-download or re-save it") from None
 

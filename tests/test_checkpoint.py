@@ -138,6 +138,10 @@ def test_truncated_and_missing_files(tmp_path):
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(UserError, match="truncated"):
         load_backbone(path)
+    for garbage in (b"bad\n", b"\x80\x02}q\x00."[:3]):
+        path.write_bytes(garbage)
+        with pytest.raises(UserError, match="not a PyTorch file"):
+            load_backbone(path)
     with pytest.raises(UserError, match="does not exist"):
         load_backbone(tmp_path / "nope.pth")
 

@@ -107,6 +107,16 @@ def test_a_stale_or_corrupt_cache_file_is_recomputed(image_folder, tmp_path):
     assert torch.equal(extractor(image_folder, FeatureSpec(), "train")[0], features) and calls.count == 3
 
 
+def test_refresh_recomputes_each_entry_once(image_folder, tmp_path):
+    model = tiny_vit()
+    calls = PatchEmbedCalls(model)
+    options = dict(device="cpu", batch_size=8, num_workers=0, cache_dir=tmp_path / "cache", progress=False)
+    features, _ = FeatureExtractor(model, **options)(image_folder, FeatureSpec(), "train")
+    refreshing = FeatureExtractor(model, refresh=True, **options)
+    assert torch.equal(refreshing(image_folder, FeatureSpec(), "train")[0], features) and calls.count == 2
+    assert torch.equal(refreshing(image_folder, FeatureSpec(), "train")[0], features) and calls.count == 2
+
+
 def test_image_list_loader_and_its_cache_identity(tmp_path):
     paths = [save_image(pattern_image(index), tmp_path / f"{index}.png") for index in range(3)]
     crop = lambda index: pattern_image(index).crop((0, 0, 16, 16))

@@ -224,6 +224,15 @@ def test_davis_scores_objects_over_inner_frames(tiny_davis):
     assert scores["J&F"] == pytest.approx((expected_j + expected_f) / 2)
 
 
+def test_davis_scores_a_subset_of_the_split(tiny_davis):
+    root, pred = tiny_davis
+    scores = davis_j_and_f(root, pred, sequences=["two"])
+    assert set(scores["per_object"]) == {"two_1", "two_2"}
+    assert scores["J"] == pytest.approx((100 * 100 / 110 + 100) / 2) and scores["F"] == 100.0
+    with pytest.raises(UserError, match="sequence\\(s\\) three not in .*val.txt"):
+        davis_j_and_f(root, pred, sequences=["two", "three"])
+
+
 def test_davis_errors_name_the_problem(tiny_davis):
     root, pred = tiny_davis
     (pred / "two" / "00001.png").unlink()

@@ -97,6 +97,10 @@ def test_unknown_table_and_metric_are_one_line_user_errors():
     message = str(info.value)
     assert "\n" not in message
     assert "'J&F'" in message and "J&F_mean, J_mean, F_mean" in message
+    other_dataset = rt.measured_rows("table3_retrieval", "ckpt", "vit", 8, {"rsynth_mAP_medium": 20.0})
+    assert other_dataset["metric"].tolist() == ["rsynth_mAP_medium"]  # any revisitop-layout dataset
+    with pytest.raises(UserError, match="unknown metric 'rsynth_mAP'.*or names matching"):
+        rt.measured_rows("table3_retrieval", "ckpt", "vit", 8, {"rsynth_mAP": 20.0})
     with pytest.raises(UserError, match="unknown column 'resolution'.*train_data"):
         rt.measured_rows("table3_retrieval", "ckpt", "vit_small", 16, {"roxford5k_mAP_hard": 1.0},
                          resolution="224x224")
