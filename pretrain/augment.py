@@ -17,12 +17,20 @@ Every random draw comes from a ``random.Random`` seeded by
 of processes, data-loader workers or batch position: a 2-process run sees
 exactly the crops of a 1-process run, and a resumed run those of an
 uninterrupted one.
+
+Drawing and applying are separate: ``MultiCropAugmentation.draw`` makes all
+of a crop's random choices (a `CropParams`), which two paths apply:
+``apply_crop_params`` with PIL, one image at a time in the loader workers
+(`MultiCropDataset`), or `pretrain.batch_augment.BatchMultiCrop` on a whole
+batch on the training device, fed by `DecodedCropDataset` (decode and draw
+only) and `collate_decoded`.
 """
 from __future__ import annotations
 
 import math
 import random
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torchvision.transforms as T
@@ -68,19 +76,29 @@ def random_resized_crop_box(rng: random.Random, width: int, height: int, scale: 
     return (height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w
 
 
-def color_jitter(img: Image.Image, rng: random.Random, brightness=0.4, contrast=0.4,
-                 saturation=0.2, hue=0.1) -> Image.Image:
-    """The four jitters with factors drawn uniformly, applied in random order."""
-    adjustments = [
-        lambda im: TF.adjust_brightness(im, rng.uniform(1 - brightness, 1 + brightness)),
-        lambda im: TF.adjust_contrast(im, rng.uniform(1 - contrast, 1 + contrast)),
-        lambda im: TF.adjust_saturation(im, rng.uniform(1 - saturation, 1 + saturation)),
-        lambda im: TF.adjust_hue(im, rng.uniform(-hue, hue)),
-    ]
-    rng.shuffle(adjustments)
-    for adjust in adjustments:
-        img = adjust(img)
-    return img
+JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
+
+
+@dataclass(frozen=True)
+class ColorJitterParams:
+    """Colour-jitter factors, indexed like ``JITTER_OPS``: brightness, contrast
+    and saturation blend factors f (1 = unchanged) and the hue shift d in turns
+    (0 = unchanged); ``order`` lists the op indices in the order applied."""
+    factors: tuple[float, float, float, float]
+    order: tuple[int, int, int, int]
+
+
+@dataclass(frozen=True)
+class CropParams:
+    """Every random choice of one crop: the box (top, left, height, width) in
+    source pixels, the horizontal flip, colour jitter (None: not applied),
+    grayscale, the PIL Gaussian-blur radius (None: no blur) and solarization."""
+    box: tuple[int, int, int, int]
+    flip: bool
+    jitter: ColorJitterParams | None
+    grayscale: bool
+    blur_radius: float | None
+    solarize: bool
 
 
 @dataclass
@@ -92,8 +110,34 @@ class CropRecipe:
     solarize_p: float = 0.0
 
 
+def apply_crop_params(img: Image.Image, params: CropParams, size: int) -> Image.Image:
+    """The PIL pipeline of one crop: crop + bicubic resize to ``size`` -> flip ->
+    jitter ops in ``order`` -> grayscale (ITU-R 601-2 luma) -> Gaussian blur ->
+    solarize (values >= 128 become 255 - v). Returns an RGB ``size`` x ``size`` image."""
+    top, left, height, width = params.box
+    out = img.crop((left, top, left + width, top + height)).resize((size, size), Image.BICUBIC)
+    if params.flip:
+        out = ImageOps.mirror(out)
+    if params.jitter is not None:
+        adjust = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+        for op in params.jitter.order:
+            out = adjust[op](out, params.jitter.factors[op])
+    if params.grayscale:
+        out = ImageOps.grayscale(out).convert("RGB")
+    if params.blur_radius is not None:
+        out = out.filter(ImageFilter.GaussianBlur(radius=params.blur_radius))
+    if params.solarize:
+        out = ImageOps.solarize(out, threshold=128)
+    return out
+
+
 class MultiCropAugmentation:
-    """PIL image + rng -> list of 2 + n_local normalised (3, S, S) tensors."""
+    """PIL image + rng -> list of 2 + n_local normalised (3, S, S) tensors.
+
+    ``draw`` makes every random choice (a `CropParams` per crop); the PIL path
+    (``__call__``) and the batched path (`pretrain.batch_augment`) both apply
+    those same choices.
+    """
 
     def __init__(self, global_size: int = 224, local_size: int = 96,
                  global_scale: tuple[float, float] = (0.4, 1.0),
@@ -104,31 +148,55 @@ class MultiCropAugmentation:
                         CropRecipe(global_size, tuple(global_scale), blur_p=0.1, solarize_p=0.2)]
         self.recipes += [CropRecipe(local_size, tuple(local_scale), blur_p=0.5)] * n_local
         self.mean, self.std = list(mean), list(std)
-        self.saturation, self.hue, self.grayscale_p = saturation, hue, grayscale_p
+        # factor ranges of brightness, contrast, saturation (blend factors) and hue (shift in turns)
+        self.jitter_ranges = ((0.6, 1.4), (0.6, 1.4), (1 - saturation, 1 + saturation), (-hue, hue))
+        self.grayscale_p = grayscale_p
         self.blur_radius = tuple(blur_radius)
+
+    @classmethod
+    def from_config(cls, cfg) -> "MultiCropAugmentation":
+        """The multi-crop of a `pretrain.config.TrainConfig` (its crop sizes, scales, counts, jitter, blur)."""
+        return cls(cfg.global_crops_size, cfg.local_crops_size, cfg.global_crops_scale, cfg.local_crops_scale,
+                   cfg.local_crops_number, saturation=cfg.jitter_saturation, hue=cfg.jitter_hue,
+                   grayscale_p=cfg.grayscale_p, blur_radius=cfg.blur_radius)
 
     @property
     def ncrops(self) -> int:
         return len(self.recipes)
 
-    def crop(self, img: Image.Image, recipe: CropRecipe, rng: random.Random) -> torch.Tensor:
-        top, left, height, width = random_resized_crop_box(rng, img.width, img.height, recipe.scale)
-        out = img.crop((left, top, left + width, top + height)).resize(
-            (recipe.size, recipe.size), Image.BICUBIC)
-        if rng.random() < 0.5:
-            out = ImageOps.mirror(out)
+    @property
+    def sizes(self) -> list[int]:
+        return [recipe.size for recipe in self.recipes]
+
+    def draw_crop(self, rng: random.Random, width: int, height: int, recipe: CropRecipe) -> CropParams:
+        """One crop's choices, drawn in a fixed order: box, flip, jitter gate,
+        jitter order then the factors in that order, grayscale, blur gate
+        (``u <= p``), blur radius (only when blurring), solarize gate (``u < p``)."""
+        box = random_resized_crop_box(rng, width, height, recipe.scale)
+        flip = rng.random() < 0.5
+        jitter = None
         if rng.random() < 0.8:
-            out = color_jitter(out, rng, saturation=self.saturation, hue=self.hue)
-        if rng.random() < self.grayscale_p:
-            out = ImageOps.grayscale(out).convert("RGB")
-        if rng.random() <= recipe.blur_p:
-            out = out.filter(ImageFilter.GaussianBlur(radius=rng.uniform(*self.blur_radius)))
-        if rng.random() < recipe.solarize_p:
-            out = ImageOps.solarize(out, threshold=128)
-        return TF.normalize(TF.to_tensor(out), self.mean, self.std)
+            order = list(range(len(JITTER_OPS)))
+            rng.shuffle(order)
+            factors = [0.0] * len(JITTER_OPS)
+            for op in order:
+                factors[op] = rng.uniform(*self.jitter_ranges[op])
+            jitter = ColorJitterParams(tuple(factors), tuple(order))
+        grayscale = rng.random() < self.grayscale_p
+        blur_radius = rng.uniform(*self.blur_radius) if rng.random() <= recipe.blur_p else None
+        solarize = rng.random() < recipe.solarize_p
+        return CropParams(box, flip, jitter, grayscale, blur_radius, solarize)
+
+    def draw(self, width: int, height: int, rng: random.Random) -> list[CropParams]:
+        """The choices of all 2 + n_local crops of a ``width`` x ``height`` image."""
+        return [self.draw_crop(rng, width, height, recipe) for recipe in self.recipes]
 
     def __call__(self, img: Image.Image, rng: random.Random) -> list[torch.Tensor]:
-        return [self.crop(img, recipe, rng) for recipe in self.recipes]
+        crops = []
+        for params, recipe in zip(self.draw(img.width, img.height, rng), self.recipes):
+            out = apply_crop_params(img, params, recipe.size)
+            crops.append(TF.normalize(TF.to_tensor(out), self.mean, self.std))
+        return crops
 
 
 def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
@@ -153,3 +221,59 @@ class MultiCropDataset(torch.utils.data.Dataset):
         epoch, index = key
         img, _ = self.base[index]
         return self.augmentation(img, sample_rng(self.seed, epoch, index))
+
+
+def pack_params(per_image: list[list[CropParams]]) -> dict[str, torch.Tensor]:
+    """B lists of C crops' `CropParams` -> CPU tensors with leading dims (C, B):
+    box (top, left, height, width) int64 (C, B, 4); flip, jitter, grayscale,
+    blur, solarize bool (C, B); jitter factors float64 (C, B, 4), indexed like
+    ``JITTER_OPS`` (1, 1, 1, 0 where not jittered); jitter order int64
+    (C, B, 4); blur radius float64 (C, B) (0 where not blurred)."""
+    crops = [list(column) for column in zip(*per_image)]  # crop slot -> its B params
+
+    def field(get, dtype):
+        return torch.tensor([[get(p) for p in column] for column in crops], dtype=dtype)
+
+    return {
+        "box": field(lambda p: p.box, torch.int64),
+        "flip": field(lambda p: p.flip, torch.bool),
+        "jitter": field(lambda p: p.jitter is not None, torch.bool),
+        "factors": field(lambda p: p.jitter.factors if p.jitter else (1.0, 1.0, 1.0, 0.0), torch.float64),
+        "order": field(lambda p: p.jitter.order if p.jitter else (0, 1, 2, 3), torch.int64),
+        "grayscale": field(lambda p: p.grayscale, torch.bool),
+        "blur": field(lambda p: p.blur_radius is not None, torch.bool),
+        "blur_radius": field(lambda p: p.blur_radius or 0.0, torch.float64),
+        "solarize": field(lambda p: p.solarize, torch.bool),
+    }
+
+
+class DecodedBatch(NamedTuple):
+    """A collated batch for the batched path: uint8 images (B, 3, H, W), each
+    zero-padded at the bottom/right to the largest, and `pack_params` of their crops."""
+    images: torch.Tensor
+    params: dict[str, torch.Tensor]
+
+
+class DecodedCropDataset(MultiCropDataset):
+    """``dataset[(epoch, index)]`` -> (uint8 (3, H, W) image, its crops' `CropParams`).
+
+    The loader side of the batched path: decode and draw only (the same draws
+    as `MultiCropDataset`); the pixels are augmented in batches by
+    `pretrain.batch_augment.BatchMultiCrop`, on the training device.
+    """
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, list[CropParams]]:
+        epoch, index = key
+        img, _ = self.base[index]
+        return TF.pil_to_tensor(img), self.augmentation.draw(img.width, img.height, sample_rng(self.seed, epoch, index))
+
+
+def collate_decoded(samples: list[tuple[torch.Tensor, list[CropParams]]]) -> DecodedBatch:
+    """Pad the images to the largest height and width (zeros, never read by a
+    crop) and pack the crops' parameters."""
+    height = max(image.shape[1] for image, _ in samples)
+    width = max(image.shape[2] for image, _ in samples)
+    images = torch.zeros(len(samples), 3, height, width, dtype=torch.uint8)
+    for slot, (image, _) in enumerate(samples):
+        images[slot, :, :image.shape[1], :image.shape[2]] = image
+    return DecodedBatch(images, pack_params([params for _, params in samples]))

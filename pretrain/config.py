@@ -64,6 +64,7 @@ class TrainConfig:
     jitter_hue: float = 0.1
     grayscale_p: float = 0.2
     blur_radius: tuple[float, float] = (0.1, 2.0)  # PIL Gaussian blur radius range, in pixels
+    augment_on: str = "loader"  # loader (PIL per image in the workers) | device (batched on the training device)
     # bookkeeping
     saveckp_freq: int = 20
     save_every_steps: int = 0  # also checkpoint every N steps (0: only at epoch ends)

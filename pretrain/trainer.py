@@ -28,8 +28,9 @@ from tqdm import tqdm
 from data.errors import UserError
 from data.imagefolder import ImageFolder
 
-from .augment import MultiCropAugmentation, MultiCropDataset
+from .augment import MultiCropAugmentation
 from .backbones import build_backbone, describe
+from .batch_augment import crop_pipeline
 from .checkpoint import atomic_save, atomic_write_text, safe_load, strip_prefixes
 from .config import TrainConfig, to_dict
 from .distributed import DistInfo, all_reduce_mean, barrier
@@ -106,12 +107,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)
 
         base = ImageFolder(cfg.data, allow_flat=True)
-        self.augmentation = MultiCropAugmentation(cfg.global_crops_size, cfg.local_crops_size,
-                                                  cfg.global_crops_scale, cfg.local_crops_scale,
-                                                  cfg.local_crops_number, saturation=cfg.jitter_saturation,
-                                                  hue=cfg.jitter_hue, grayscale_p=cfg.grayscale_p,
-                                                  blur_radius=cfg.blur_radius)
-        self.dataset = MultiCropDataset(base, self.augmentation, seed=cfg.seed)
+        self.augmentation = MultiCropAugmentation.from_config(cfg)
+        self.dataset, self.collate_fn, self.crops_on = crop_pipeline(cfg.augment_on, base, self.augmentation, cfg.seed)
         self.sampler = ShardedSampler(len(self.dataset), dist_info.world_size, dist_info.rank, seed=cfg.seed)
         self.iters_per_epoch = self.sampler.per_rank // cfg.batch_size_per_gpu
         if self.iters_per_epoch == 0:
@@ -219,7 +216,7 @@ class Trainer:
             group["lr"] = float(self.lr_schedule[it])
             if index == 0:
                 group["weight_decay"] = float(self.wd_schedule[it])
-        crops = [crop.to(self.device, non_blocking=True) for crop in crops]
+        crops = self.crops_on(crops, self.device)
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
             with torch.no_grad():
                 teacher_output = self.teacher_ddp(crops[:2])
@@ -253,6 +250,7 @@ class Trainer:
         workers = self.cfg.num_workers
         return torch.utils.data.DataLoader(self.dataset, batch_size=self.cfg.batch_size_per_gpu, sampler=self.sampler,
                                            num_workers=workers, pin_memory=self.device.type == "cuda",
+                                           collate_fn=self.collate_fn,
                                            drop_last=True, persistent_workers=workers > 0,
                                            prefetch_factor=4 if workers else None)
 

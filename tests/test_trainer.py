@@ -87,7 +87,12 @@ def test_resumed_run_equals_uninterrupted(tiny_suite, tmp_path):
     assert safe_load(resumed / "checkpoint.pth")["step"] == 7  # stopped mid-epoch
     second = Trainer(tiny_cfg(tiny_suite / "train", resumed), DistInfo()).fit()
     assert second["resumed"] and second["start_iteration"] == 7
-    a, b = safe_load(full / "checkpoint.pth"), safe_load(resumed / "checkpoint.pth")
+    assert_same_training_state(full, resumed)
+
+
+def assert_same_training_state(run_a: Path, run_b: Path) -> None:
+    """The two runs' last checkpoints hold bit-identical student, teacher and center."""
+    a, b = safe_load(run_a / "checkpoint.pth"), safe_load(run_b / "checkpoint.pth")
     for key in ("student", "teacher"):
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name]), name

@@ -1,0 +1,311 @@
+"""Batched multi-crop augmentation on any device: the PIL path's computation, for a whole batch at once.
+
+Input: a uint8 batch of decoded images (B, 3, H, W), each zero-padded at the
+bottom/right to the largest image, and every crop's `CropParams`, drawn by
+``MultiCropAugmentation.draw`` from ``sample_rng(seed, epoch, index)`` exactly
+as the PIL path draws them (packed into tensors by `pack_params`). Output:
+the 2 + n_local normalised crops, each (B, 3, S, S) float, as the trainer
+expects. Crops of one output size are processed together (in chunks bounded
+in memory); every step is a batched tensor op (no Python loop over images or
+pixels), in float on [0, 1] where PIL works in uint8, so the two paths differ
+by PIL's roundings (tests/test_batch_augment.py states the bounds):
+
+* crop + resize: PIL's antialiased bicubic. Output pixel j of a crop of
+  length L resized to S (scale s = L / S) reads the taps x with
+  |x + 1/2 - c_j| < 2 max(s, 1), c_j = (j + 1/2) s, weighted by the Keys cubic
+  (a = -1/2) at (x + 1/2 - c_j) / max(s, 1) and normalised to sum 1 over the
+  taps inside the box. Separable: horizontal pass, clamp to the pixel range,
+  vertical pass (Pillow <= 12's order; Pillow 13 runs the vertical pass first
+  for crops whose height shrinks more than twice as much as their width,
+  which changes only pixels where the first pass overshoots and is clamped).
+  Each pass is, for every output row of every crop, a weighted sum of K rows
+  of a table (`embedding_bag`), so all crops resize in two calls.
+* flip: the horizontal taps of flipped crops are read in reverse order.
+* colour jitter, position by position (p = 0..3): the op at position p of
+  each jittered crop. Brightness, contrast and saturation are blends
+  x <- clamp(t + f (x - t), 0, 1) towards t = 0, the mean luma of the crop,
+  and the luma image; hue rotates the HSV hue by d turns, d rounded towards
+  zero to PIL's steps of 1/255 turn (no change where that is 0, where PIL
+  still makes its lossy 8-bit HSV round trip).
+* grayscale: luma Y = 0.299 R + 0.587 G + 0.114 B (ITU-R 601-2) in all channels.
+* Gaussian blur of radius r (PIL's meaning: the standard deviation): three
+  passes per axis of PIL's extended box filter, the box of variance r^2 / 3:
+  l = floor((sqrt(4 r^2 + 1) - 1) / 2), a = (2l+1)(l(l+1) - r^2) / (2r^2 - 6(l+1)^2),
+  weights 1 on |i| <= l and a on |i| = l + 1, over 2l + 1 + 2a; edge pixels
+  repeat, as in PIL.
+* solarize: x -> 1 - x where x >= 128/255; normalise: (x - mean) / std.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from data.errors import UserError
+
+from .augment import (IMAGENET_MEAN, IMAGENET_STD, DecodedBatch, DecodedCropDataset, MultiCropAugmentation,
+                      MultiCropDataset, collate_decoded)
+
+LUMA_WEIGHTS = (0.299, 0.587, 0.114)
+BLUR_PASSES = 3
+HUE_STEPS = 255  # PIL stores hue in uint8: one step is 1/255 turn
+
+
+# ---------------------------------------------------------------- crop + resize
+def bicubic_kernel(x: torch.Tensor) -> torch.Tensor:
+    """Keys cubic with a = -1/2: (1.5|x| - 2.5)|x|^2 + 1 on |x| < 1,
+    -0.5 (|x|^3 - 5|x|^2 + 8|x| - 4) on 1 <= |x| < 2, else 0."""
+    x = x.abs()
+    near = (1.5 * x - 2.5) * x * x + 1
+    far = -0.5 * (((x - 5) * x + 8) * x - 4)
+    return torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
+
+
+def resample_taps(start: torch.Tensor, length: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """PIL's antialiased bicubic taps along one axis of N crops (CPU, float64).
+
+    ``start``, ``length`` (N,) give each crop's extent on the source axis.
+    Returns (index, weight), both (N, size, K): source coordinates (clamped
+    into the crop; surplus taps have weight 0) and weights summing to 1.
+    """
+    scale = length.double() / size
+    stretch = scale.clamp(min=1.0)[:, None, None]
+    support = 2.0 * stretch
+    centre = (torch.arange(size, dtype=torch.float64) + 0.5) * scale[:, None]
+    centre = centre[..., None]
+    first = torch.floor(centre - support + 0.5).clamp(min=0)
+    end = torch.minimum(torch.floor(centre + support + 0.5), length.double()[:, None, None])
+    taps = int((end - first).max())
+    x = first + torch.arange(taps, dtype=torch.float64)
+    weight = bicubic_kernel((x + 0.5 - centre) / stretch) * (x < end)
+    weight = weight / weight.sum(-1, keepdim=True)
+    index = start[:, None, None] + torch.minimum(x.long(), length[:, None, None] - 1)
+    return index, weight.float()
+
+
+def weighted_rows(table: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """out[r] = sum_k weight[r, k] * table[index[r, k]]: (R, K) CPU taps -> (R, table columns)."""
+    device = table.device
+    return F.embedding_bag(index.to(device), table, per_sample_weights=weight.to(device), mode="sum")
+
+
+def source_planes(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float (B * 3, W, H): the images' planes transposed,
+    so that the horizontal pass reads one table row per (image, channel, column)."""
+    batch, channels, height, width = images.shape
+    planes = torch.empty(batch * channels, width, height, device=images.device)
+    return planes.copy_(images.flatten(0, 1).transpose(1, 2))
+
+
+def resize_crops(source: torch.Tensor, owner: torch.Tensor, box: torch.Tensor, flip: torch.Tensor,
+                 size: int) -> torch.Tensor:
+    """Crop ``box[n]`` (top, left, height, width) of image ``owner[n]``, resize it
+    to ``size`` x ``size`` (PIL's antialiased bicubic) and mirror it where
+    ``flip[n]``. ``source``: `source_planes` of the images (any device);
+    ``owner``, ``box``, ``flip``: CPU tensors (N,), (N, 4), (N,). Returns float
+    (N, 3, size, size) in [0, 1]."""
+    channels = 3
+    _, width, height = source.shape
+    table = source.view(-1, height)
+    planes = (owner[:, None] * channels + torch.arange(channels)).flatten()  # source plane of each output plane
+    x_index, x_weight = resample_taps(box[:, 1], box[:, 3], size)
+    x_index = torch.where(flip[:, None, None], x_index.flip(1), x_index)
+    x_weight = torch.where(flip[:, None, None], x_weight.flip(1), x_weight)
+    y_index, y_weight = resample_taps(box[:, 0], box[:, 2], size)
+    # horizontal pass: rows (image, channel, x) -> rows (crop, channel, j), columns y
+    rows = x_index.repeat_interleave(channels, 0) + (planes * width)[:, None, None]
+    across = weighted_rows(table, rows.flatten(0, 1), x_weight.repeat_interleave(channels, 0).flatten(0, 1))
+    # vertical pass: rows (crop, channel, y), columns j -> rows (crop, channel, i); 1/255 in the weights
+    down_table = torch.empty(len(planes), height, size, device=table.device)
+    torch.clamp(across.view(-1, size, height).transpose(1, 2), 0, 255, out=down_table)
+    rows = y_index.repeat_interleave(channels, 0) + (torch.arange(len(planes)) * height)[:, None, None]
+    down = weighted_rows(down_table.view(-1, size), rows.flatten(0, 1),
+                         y_weight.repeat_interleave(channels, 0).flatten(0, 1) / 255)
+    return down.clamp_(0, 1).view(len(owner), channels, size, size)
+
+
+# ---------------------------------------------------------------- colour
+def on_rows(x: torch.Tensor, chosen: torch.Tensor, op, *per_row: torch.Tensor) -> torch.Tensor:
+    """x[n] <- op(x[n], per_row[.][n]...) for the rows where the CPU mask ``chosen`` (N,) holds, in place."""
+    rows = chosen.nonzero()[:, 0]
+    if len(rows):
+        index = rows.to(x.device)
+        x.index_copy_(0, index, op(x.index_select(0, index), *(value[rows] for value in per_row)))
+    return x
+
+
+def per_sample(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(N,) CPU values -> (N, 1, 1, 1) on ``like``'s device and dtype."""
+    return value.to(device=like.device, dtype=like.dtype).view(-1, 1, 1, 1)
+
+
+def luma(x: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) RGB -> (N, 1, H, W) ITU-R 601-2 luma."""
+    r, g, b = LUMA_WEIGHTS
+    return (x[:, 0:1] * r).add_(x[:, 1:2], alpha=g).add_(x[:, 2:3], alpha=b)
+
+
+def to_gray(x: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) -> its luma in all three channels (PIL's grayscale, then RGB)."""
+    return luma(x).expand_as(x)
+
+
+def solarize(x: torch.Tensor) -> torch.Tensor:
+    """Values >= 128/255 inverted (x -> 1 - x), as PIL's solarize at threshold 128."""
+    return torch.where(x >= 128 / 255, 1 - x, x)
+
+
+def rotate_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Add ``shift`` (N,) turns to the HSV hue of RGB ``x`` (N, 3, H, W) in [0, 1].
+
+    With M = max, m = min over channels, C = M - m and the hue in sixths of a
+    turn h = (g - b)/C if r = M, else (b - r)/C + 2 if g = M, else (r - g)/C + 4,
+    channel c of the result is M - C clamp(d_c - 1, 0, 1), d_c the distance
+    around the hue circle (period 6) from h + 6 shift to the channel's hue 2c.
+    """
+    r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]
+    top = x.amax(1, keepdim=True)
+    chroma = top - x.amin(1, keepdim=True)
+    red = (r == top).to(x.dtype)
+    green = (g == top).to(x.dtype).mul_(1 - red)
+    blue = (1 - red).sub_(green)
+    sixths = (g - b).mul_(red).addcmul_(b - r, green).addcmul_(r - g, blue).div_(chroma.clamp(min=1e-12))
+    sixths.add_(green, alpha=2).add_(blue, alpha=4).add_(per_sample(shift * 6, x))
+    sixths.sub_(torch.floor(sixths * (1 / 6)).mul_(6))
+    distance = (sixths - torch.tensor([0.0, 2.0, 4.0], device=x.device).view(1, 3, 1, 1)).abs_()
+    distance = torch.minimum(distance, (6 - distance), out=distance).clamp_(1, 2).sub_(1)
+    return distance.mul_(-chroma).add_(top)
+
+
+def pil_hue_shift(turns: torch.Tensor) -> torch.Tensor:
+    """The hue rotation PIL applies for a drawn shift: trunc(255 d) steps of 1/255 turn."""
+    return torch.trunc(turns * HUE_STEPS) / HUE_STEPS
+
+
+def color_jitter(x: torch.Tensor, applied: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Per-sample colour jitter in per-sample order, in place. ``applied`` (N,)
+    bool, ``factors`` (N, 4) (brightness, contrast, saturation blend factors,
+    hue shift in turns), ``order`` (N, 4) op index at each position: CPU tensors.
+    A blend is x <- clamp(t + f (x - t), 0, 1), t = s L + c mean(L) with L the
+    luma, (s, c) = (0, 0) brightness, (0, 1) contrast, (1, 0) saturation."""
+    shift = pil_hue_shift(factors[:, 3])
+    for position in range(order.shape[1]):
+        op = torch.where(applied, order[:, position], -1)
+        blended = (op >= 0) & (op <= 2)
+        factor = torch.where(blended, factors.gather(1, op.clamp(0, 2)[:, None])[:, 0], 1.0)
+        target = luma(x)
+        mean = target.mean((2, 3), keepdim=True)
+        target.mul_(per_sample(op == 2, x)).add_(mean.mul_(per_sample(op == 1, x)))
+        torch.lerp(target.expand_as(x), x, per_sample(factor, x), out=x).clamp_(0, 1)
+        x = on_rows(x, (op == 3) & (shift != 0), rotate_hue, shift)
+    return x
+
+
+# ---------------------------------------------------------------- blur
+def box_blur_kernels(radius: torch.Tensor) -> torch.Tensor:
+    """PIL's extended box filter for Gaussian radius ``radius`` (N,): (N, 2L + 3)
+    weights centred on the middle tap, L the largest integer half-width."""
+    variance = radius.double() ** 2 / BLUR_PASSES
+    half = torch.floor((torch.sqrt(12 * variance + 1) - 1) / 2)
+    edge = (2 * half + 1) * (half * (half + 1) - 3 * variance) / (6 * (variance - (half + 1) ** 2))
+    widest = int(half.max())
+    offset = torch.arange(-widest - 1, widest + 2, dtype=torch.float64).abs()
+    weight = torch.where(offset <= half[:, None], 1.0, torch.where(offset == half[:, None] + 1, edge[:, None], 0.0))
+    return (weight / (2 * half + 1 + 2 * edge)[:, None]).float()
+
+
+def gaussian_blur(x: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
+    """PIL's GaussianBlur(radius[n]) of each x[n] (N, 3, H, W): ``BLUR_PASSES``
+    extended-box passes along W, then along H, edge pixels repeated each pass."""
+    kernels = box_blur_kernels(radius).to(x.device)
+    taps = kernels.shape[1]
+    weights = kernels.view(len(x), 1, 1, 1, taps).unbind(-1)
+    pad = taps // 2
+    for dim, padding in ((3, (pad, pad, 0, 0)), (2, (0, 0, pad, pad))):
+        length = x.shape[dim]
+        for _ in range(BLUR_PASSES):
+            padded = F.pad(x, padding, mode="replicate")
+            x = padded.narrow(dim, 0, length) * weights[0]
+            for tap in range(1, taps):
+                x.addcmul_(padded.narrow(dim, tap, length), weights[tap])
+    return x
+
+
+# ---------------------------------------------------------------- the pipeline
+class BatchMultiCrop:
+    """Apply packed `CropParams` to a uint8 image batch: -> list of C (B, 3, S, S) crops.
+
+    The crops of one output size are augmented in chunks whose largest
+    intermediate (the horizontal pass, 12 S H bytes a crop) stays under
+    ``chunk_bytes``: by default 16 MiB on the CPU, where blocks above glibc's
+    32 MiB mmap threshold go back to the system on every free and cost a page
+    fault per 4 KiB when allocated again, and 1 GiB on a GPU.
+    """
+
+    def __init__(self, sizes: list[int], mean=IMAGENET_MEAN, std=IMAGENET_STD, chunk_bytes: int | None = None):
+        self.sizes = list(sizes)
+        self.mean, self.std = list(mean), list(std)
+        # (x - mean) / std as x * scale + shift
+        self.scale = 1 / torch.tensor(std).view(1, 3, 1, 1)
+        self.shift = -torch.tensor(mean).view(1, 3, 1, 1) * self.scale
+        self.chunk_bytes = chunk_bytes
+
+    @classmethod
+    def like(cls, augmentation: MultiCropAugmentation, chunk_bytes: int | None = None) -> "BatchMultiCrop":
+        """The batched twin of a PIL augmentation (same sizes and normalisation)."""
+        return cls(augmentation.sizes, augmentation.mean, augmentation.std, chunk_bytes)
+
+    def augment(self, source: torch.Tensor, owner: torch.Tensor, p: dict[str, torch.Tensor], size: int,
+                out: torch.Tensor) -> None:
+        """All steps for crops of one size: ``out`` (N, 3, size, size) <- normalised crops."""
+        x = resize_crops(source, owner, p["box"], p["flip"], size)
+        x = color_jitter(x, p["jitter"], p["factors"], p["order"])
+        x = on_rows(x, p["grayscale"], to_gray)
+        x = on_rows(x, p["blur"], gaussian_blur, p["blur_radius"])
+        x = on_rows(x, p["solarize"], solarize)
+        torch.addcmul(self.shift.to(x.device), x, self.scale.to(x.device), out=out)
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, params: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """``images``: uint8 (B, 3, H, W) on any device; ``params``: `pack_params` of
+        their crops (CPU). Returns the C crops, each float (B, 3, S, S) on that device."""
+        batch, _, height, _ = images.shape
+        budget = self.chunk_bytes or (2**24 if images.device.type == "cpu" else 2**30)
+        source = source_planes(images)
+        crops: list[torch.Tensor | None] = [None] * len(self.sizes)
+        for size in dict.fromkeys(self.sizes):
+            slots = [k for k, s in enumerate(self.sizes) if s == size]
+            p = {name: value[slots].flatten(0, 1) for name, value in params.items()}  # slot-major
+            owner = torch.arange(batch).repeat(len(slots))
+            out = torch.empty(len(owner), 3, size, size, device=images.device)
+            step = max(1, budget // (12 * size * height))
+            for start in range(0, len(owner), step):
+                part = slice(start, start + step)
+                self.augment(source, owner[part], {name: value[part] for name, value in p.items()}, size, out[part])
+            for i, slot in enumerate(slots):
+                crops[slot] = out[i * batch:(i + 1) * batch]
+        return crops
+
+    def on_device(self, batch: DecodedBatch, device: torch.device) -> list[torch.Tensor]:
+        """Move a collated batch's images to ``device`` and augment them there."""
+        return self(batch.images.to(device, non_blocking=True), batch.params)
+
+
+def move_crops(crops: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """The loader path's crops (already augmented) moved to ``device``."""
+    return [crop.to(device, non_blocking=True) for crop in crops]
+
+
+def crop_pipeline(augment_on: str, base: torch.utils.data.Dataset, augmentation: MultiCropAugmentation,
+                  seed: int) -> tuple[torch.utils.data.Dataset, Callable | None, Callable]:
+    """(dataset keyed by (epoch, index), its collate_fn, batch -> crops on a device) for
+    ``augment_on`` "loader" (PIL per image in the loader workers) or "device"
+    (workers decode; the batch is augmented on the training device)."""
+    if augment_on == "loader":
+        return MultiCropDataset(base, augmentation, seed), None, move_crops
+    if augment_on == "device":
+        batched = BatchMultiCrop.like(augmentation)
+        return DecodedCropDataset(base, augmentation, seed), collate_decoded, batched.on_device
+    raise UserError(f"unknown --augment-on '{augment_on}': use loader (PIL in the data-loader workers) "
+                    "or device (batched on the training device)")

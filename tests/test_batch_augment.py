@@ -1,0 +1,270 @@
+"""The batched multi-crop (pretrain/batch_augment.py) against the PIL path, op by op and whole.
+
+Differences are measured in uint8 levels (1/255). PIL computes every op in
+uint8, so each tolerance below is the rounding PIL does in that op, stated
+where it is asserted; the batched path computes in float.
+"""
+import random
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image, ImageFilter, ImageOps
+
+from bench.augment_throughput import photo_like
+from data.errors import run_cli
+from data.imagefolder import ImageFolder
+from data.suite import render_object_image
+from pretrain.augment import (IMAGENET_STD, DecodedCropDataset, MultiCropAugmentation, collate_decoded, pack_params,
+                              random_resized_crop_box, sample_rng)
+from pretrain.batch_augment import (BatchMultiCrop, color_jitter, gaussian_blur, luma, resize_crops, rotate_hue,
+                                    solarize, source_planes)
+from pretrain.checkpoint import safe_load
+from pretrain.distributed import DistInfo
+from pretrain.sampler import ShardedSampler
+from pretrain.train import main as train_main
+from pretrain.trainer import Trainer
+from test_trainer import TINY, assert_same_training_state, cli_args, tiny_cfg
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+PIL_ADJUST = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+
+
+def suite_image(size: int = 64) -> Image.Image:
+    return render_object_image(np.random.default_rng(3), 4, size)[0]
+
+
+def photo(width: int = 120, height: int = 90, seed: int = 5) -> Image.Image:
+    return photo_like(np.random.default_rng(seed), width, height)
+
+
+IMAGES = {"suite": suite_image(), "photo": photo()}
+
+
+def levels(batched: torch.Tensor, pil: list) -> torch.Tensor:
+    """batched (N, 3, S, S) in [0, 1] minus the PIL images, in uint8 levels."""
+    return (batched.cpu() - torch.stack([TF.to_tensor(image) for image in pil])) * 255
+
+
+def as_batch(image: Image.Image, count: int = 1) -> torch.Tensor:
+    return TF.to_tensor(image)[None].expand(count, -1, -1, -1).contiguous()
+
+
+# ---------------------------------------------------------------- one op at a time
+@pytest.mark.parametrize("name", IMAGES)
+def test_resize_matches_pil_bicubic(name):
+    image = IMAGES[name]
+    rng = random.Random(0)
+    boxes = [random_resized_crop_box(rng, image.width, image.height, (0.05, 1.0)) for _ in range(24)]
+    flips = [i % 2 == 1 for i in range(24)]
+    size = 40
+    images = TF.pil_to_tensor(image)[None]
+    out = resize_crops(source_planes(images), torch.zeros(24, dtype=torch.long), torch.tensor(boxes),
+                       torch.tensor(flips), size)
+    assert out.shape == (24, 3, size, size)
+    crops = [image.crop((left, top, left + w, top + h)) for top, left, h, w in boxes]
+    assert min(w for _, _, _, w in boxes) < size < max(w for _, _, _, w in boxes)  # up- and downsampling
+    # PIL in our order, horizontal then vertical, uint8 in between: the two differ by PIL's two roundings
+    # (0.5 level, the first one through the vertical weights, sum |w| < 1.3) -> at most 1.15 levels
+    two_pass = [crop.resize((size, crop.height), Image.BICUBIC).resize((size, size), Image.BICUBIC) for crop in crops]
+    two_pass = [ImageOps.mirror(c) if f else c for c, f in zip(two_pass, flips)]
+    diff = levels(out, two_pass)
+    assert diff.abs().max() <= 1.15 and diff.abs().mean() < 0.35
+    # PIL's own resize: Pillow 13 runs the vertical pass first for some crops, which moves only the pixels
+    # where the first pass overshoots [0, 255] and is clipped
+    direct = [ImageOps.mirror(c) if f else c for c, f in
+              zip([crop.resize((size, size), Image.BICUBIC) for crop in crops], flips)]
+    diff = levels(out, direct)
+    assert diff.abs().mean() < 0.35 and (diff.abs() > 1.15).float().mean() < 0.005
+
+
+@pytest.mark.parametrize("name", IMAGES)
+@pytest.mark.parametrize("op,low,high", [(0, 0.6, 1.4), (1, 0.6, 1.4), (2, 0.2, 1.8)])
+def test_blends_match_pil(name, op, low, high):
+    image = IMAGES[name]
+    factors = torch.tensor([1.0, 1.0, 1.0, 0.0]).repeat(8, 1)
+    factors[:, op] = torch.linspace(low, high, 8, dtype=torch.float64)
+    order = torch.tensor([op] + [k for k in range(4) if k != op]).repeat(8, 1)
+    out = color_jitter(as_batch(image, 8), torch.ones(8, dtype=torch.bool), factors, order)
+    diff = levels(out, [PIL_ADJUST[op](image, float(f)) for f in factors[:, op]])
+    # PIL's blend truncates towards zero: batched - PIL lies in [0, 1) level for brightness; contrast and
+    # saturation blend with a rounded target (mean luma / luma image, 0.5 level), scaled by |1 - f| <= 0.8
+    bound = 1.0 if op == 0 else 1.0 + 0.5 * max(abs(1 - low), abs(1 - high))
+    assert diff.min() >= (-1e-4 if op == 0 else -bound) and diff.max() <= bound + 1e-4
+    assert 0.3 < diff.mean() < 0.7  # the truncation's half-level bias, which the float path does not have
+
+
+@pytest.mark.parametrize("name", IMAGES)
+def test_hue_matches_pil(name):
+    image = IMAGES[name]
+    shifts = torch.linspace(-0.5, 0.5, 9, dtype=torch.float64)
+    factors = torch.zeros(9, 4, dtype=torch.float64)
+    factors[:, :3], factors[:, 3] = 1.0, shifts
+    out = color_jitter(as_batch(image, 9), torch.ones(9, dtype=torch.bool), factors,
+                       torch.tensor([3, 0, 1, 2]).repeat(9, 1))
+    diff = levels(out, [TF.adjust_hue(image, float(d)) for d in shifts]).abs()
+    # PIL converts to 8-bit HSV: hue and saturation truncated to 1/255 (a hue step moves a channel by up to
+    # 6 C / 255 levels, C the chroma), its shift wraps modulo 256 steps instead of 255; its own round trip
+    # at shift 0 already moves pixels by up to 5 levels
+    round_trip = levels(as_batch(image), [TF.adjust_hue(image, 0.0)]).abs()
+    assert round_trip.max() >= 1.0
+    assert diff.max() <= 12.0 and diff.mean() < 1.0 and diff.mean() < 2 * round_trip.mean() + 0.1
+
+
+def test_hue_rotation_in_float():
+    primaries = torch.eye(3).view(3, 3, 1, 1)  # red, green, blue pixels
+    third = rotate_hue(primaries, torch.full((3,), 1 / 3))
+    assert torch.allclose(third, primaries.roll(1, 1), atol=1e-6)  # red -> green -> blue -> red
+    x = torch.rand(4, 3, 16, 16)
+    back = rotate_hue(rotate_hue(x, torch.tensor([0.1, -0.2, 0.45, 0.0])), torch.tensor([-0.1, 0.2, -0.45, 0.0]))
+    assert torch.allclose(back, x, atol=1e-5)
+    gray = torch.rand(2, 1, 8, 8).expand(2, 3, 8, 8)
+    assert torch.allclose(rotate_hue(gray, torch.tensor([0.3, -0.4])), gray)  # no chroma, no change
+
+
+@pytest.mark.parametrize("name", IMAGES)
+def test_grayscale_and_solarize_match_pil(name):
+    image = IMAGES[name]
+    gray = luma(as_batch(image)).expand(1, 3, -1, -1)
+    diff = levels(gray, [ImageOps.grayscale(image).convert("RGB")])
+    assert diff.abs().max() <= 0.5 + 1e-3  # PIL rounds the luma to a level
+    solarized = solarize(as_batch(image))
+    assert levels(solarized, [ImageOps.solarize(image, threshold=128)]).abs().max() < 1e-3  # exact on levels
+
+
+@pytest.mark.parametrize("name", IMAGES)
+def test_blur_matches_pil_gaussian_blur(name):
+    image = IMAGES[name]
+    radii = torch.tensor([0.015, 0.1, 0.3, 0.5, 1.0, 1.5, 2.0], dtype=torch.float64)
+    out = gaussian_blur(as_batch(image, len(radii)), radii)
+    diff = levels(out, [image.filter(ImageFilter.GaussianBlur(radius=float(r))) for r in radii]).abs()
+    # PIL rounds to a level after each of its six box passes (three per axis)
+    assert diff.max() <= 3.0 and diff.mean() < 0.7
+
+
+def test_blur_radius_is_the_standard_deviation():
+    impulse = torch.zeros(3, 3, 41, 41)
+    impulse[:, :, 20, 20] = 1.0
+    radii = torch.tensor([0.5, 1.3, 2.0], dtype=torch.float64)
+    out = gaussian_blur(impulse, radii)
+    offsets = torch.arange(41, dtype=torch.float64) - 20
+    row = out[:, 0, 20].double() / out[:, 0, 20].double().sum(-1, keepdim=True)
+    assert torch.allclose((row * offsets**2).sum(-1), radii**2, rtol=1e-4)  # PIL's radius is sigma
+    assert torch.allclose(out.sum((2, 3)), torch.ones(3, 3))  # mass kept
+    flat = torch.full((1, 3, 9, 9), 0.3)
+    assert torch.allclose(gaussian_blur(flat, torch.tensor([2.0])), flat)  # edges repeat, no darkening
+
+
+# ---------------------------------------------------------------- the whole pipeline
+def pil_and_batched(augmentation: MultiCropAugmentation, images: list, device: str = "cpu", **options):
+    params = [augmentation.draw(img.width, img.height, sample_rng(0, 1, i)) for i, img in enumerate(images)]
+    pil = [augmentation(img, sample_rng(0, 1, i)) for i, img in enumerate(images)]
+    batch = collate_decoded([(TF.pil_to_tensor(img), p) for img, p in zip(images, params)])
+    crops = BatchMultiCrop.like(augmentation, **options).on_device(batch, torch.device(device))
+    return pil, crops, params
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("settings", [dict(global_size=64, local_size=32, n_local=4),
+                                      dict(global_size=32, local_size=16, n_local=4, local_scale=(0.1, 0.4),
+                                           saturation=0.8, hue=0.5, grayscale_p=0.5, blur_radius=(0.015, 0.3))],
+                         ids=["paper-like", "demo"])
+def test_full_pipeline_matches_pil(settings, device):
+    augmentation = MultiCropAugmentation(**settings)
+    images = [photo(), suite_image(), photo(77, 101, seed=8), suite_image(48)] * 3  # mixed sizes: padding
+    pil, crops, _ = pil_and_batched(augmentation, images, device)
+    assert [tuple(c.shape) for c in crops] == [(12, 3, recipe.size, recipe.size) for recipe in augmentation.recipes]
+    std = torch.tensor(augmentation.std).view(3, 1, 1)
+    diff = torch.cat([((crops[k][i].cpu() - pil[i][k]) * std * 255).flatten()
+                      for i in range(len(images)) for k in range(augmentation.ncrops)]).abs()
+    # the ops' PIL roundings add up: up to four jitter truncations (half a level each on average), the
+    # 8-bit HSV of hue, six blur roundings; rare pixels near saturated hues reach the hue bound
+    assert diff.mean() < 2.0 and diff.quantile(0.99) < 7.0 and diff.max() < 20.0
+
+
+def test_batch_composition_and_chunking_do_not_change_a_crop():
+    augmentation = MultiCropAugmentation(48, 24, n_local=3)
+    images = [photo(), suite_image(), photo(60, 140, seed=2)]
+    _, together, params = pil_and_batched(augmentation, images)
+    _, chunked, _ = pil_and_batched(augmentation, images, chunk_bytes=1)  # one crop per chunk
+    alone = BatchMultiCrop.like(augmentation)(TF.pil_to_tensor(images[2])[None], pack_params([params[2]]))
+    for k in range(augmentation.ncrops):
+        assert torch.allclose(together[k], chunked[k], atol=1e-5)
+        assert torch.allclose(together[k][2], alone[k][0], atol=1e-5)
+
+
+# ---------------------------------------------------------------- the random draws
+def test_per_crop_probabilities():
+    augmentation = MultiCropAugmentation(32, 16, n_local=2, grayscale_p=0.3)
+    count = 4000
+    drawn = [augmentation.draw(100, 80, sample_rng(7, 0, i)) for i in range(count)]
+    packed = pack_params(drawn)  # (crops, images)
+    rate = {name: packed[name].double().mean(1) for name in ("flip", "jitter", "grayscale", "blur", "solarize")}
+    expected = {"flip": [0.5] * 4, "jitter": [0.8] * 4, "grayscale": [0.3] * 4,
+                "blur": [1.0, 0.1, 0.5, 0.5], "solarize": [0.0, 0.2, 0.0, 0.0]}
+    for name, probabilities in expected.items():
+        for crop, p in enumerate(probabilities):
+            tolerance = 4 * (p * (1 - p) / count) ** 0.5  # four binomial standard deviations
+            assert abs(rate[name][crop] - p) <= tolerance, (name, crop, float(rate[name][crop]))
+    jittered = packed["jitter"]
+    first_op = packed["order"][:, :, 0][jittered]
+    assert all(abs((first_op == op).double().mean() - 0.25) < 0.02 for op in range(4))  # a uniform order
+    for op, (low, high) in enumerate(augmentation.jitter_ranges):
+        values = packed["factors"][:, :, op][jittered]
+        assert low <= values.min() < low + 0.01 and high - 0.01 < values.max() <= high
+    radius = packed["blur_radius"][packed["blur"]]
+    assert 0.1 <= radius.min() < 0.11 and 1.99 < radius.max() <= 2.0
+
+
+def test_params_depend_only_on_seed_epoch_index(tiny_suite):
+    augmentation = MultiCropAugmentation(32, 16, n_local=2)
+    dataset = DecodedCropDataset(ImageFolder(tiny_suite / "train"), augmentation, seed=4)
+    forward = [dataset[(3, i)][1] for i in range(10)]
+    backward = [dataset[(3, i)][1] for i in reversed(range(10))][::-1]
+    assert forward == backward and forward != [dataset[(4, i)][1] for i in range(10)]
+
+    def batches(workers: int):
+        sampler = ShardedSampler(len(dataset), seed=4)
+        sampler.set_epoch(3)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=8, sampler=sampler, num_workers=workers,
+                                             collate_fn=collate_decoded)
+        return list(loader)[:3]
+
+    for a, b in zip(batches(0), batches(2)):
+        assert torch.equal(a.images, b.images)
+        assert all(torch.equal(a.params[name], b.params[name]) for name in a.params)
+
+
+# ---------------------------------------------------------------- training
+def test_pretrain_on_device_resumes_bit_exact(tiny_suite, tmp_path):
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    settings = dict(augment_on="device", epochs=1, saveckp_freq=0)
+    Trainer(tiny_cfg(tiny_suite / "train", full, **settings), DistInfo()).fit()
+    Trainer(tiny_cfg(tiny_suite / "train", resumed, max_steps=7, **settings), DistInfo()).fit()
+    second = Trainer(tiny_cfg(tiny_suite / "train", resumed, **settings), DistInfo()).fit()
+    assert second["resumed"] and second["start_iteration"] == 7 and second["iterations"] == 15
+    assert safe_load(full / "checkpoint.pth")["args"]["augment_on"] == "device"
+    assert_same_training_state(full, resumed)
+
+
+def test_trainer_batches_agree_between_paths(tiny_suite, tmp_path):
+    crops = {}
+    for where in ("loader", "device"):
+        trainer = Trainer(tiny_cfg(tiny_suite / "train", tmp_path / where, augment_on=where), DistInfo())
+        trainer.sampler.set_epoch(1, 2, trainer.cfg.batch_size_per_gpu)  # epoch 1, from step 2
+        crops[where] = trainer.crops_on(next(iter(trainer.make_loader())), trainer.device)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    assert len(crops["device"]) == len(crops["loader"]) == 4
+    for loader_crop, device_crop in zip(crops["loader"], crops["device"]):
+        assert loader_crop.shape == device_crop.shape
+        diff = ((loader_crop - device_crop) * std * 255).abs()
+        assert diff.mean() < 2.0 and diff.max() < 20.0  # the full pipeline's bounds (PIL's roundings)
+
+
+def test_augment_on_flag(tiny_suite, tmp_path, capsys):
+    base = {**TINY, "data": tiny_suite / "train", "output_dir": tmp_path / "out", "epochs": 1, "max_steps": 1}
+    assert run_cli(train_main, ["--preset", "vanilla", *cli_args({**base, "augment_on": "gpu"})]) == 2
+    assert "unknown --augment-on 'gpu'" in capsys.readouterr().err
+    assert run_cli(train_main, ["--preset", "vanilla", *cli_args({**base, "augment_on": "device"})]) == 0
+    assert safe_load(tmp_path / "out" / "checkpoint.pth")["args"]["augment_on"] == "device"
