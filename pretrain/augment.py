@@ -37,6 +37,8 @@ import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageFilter, ImageOps
 
+from data.errors import UserError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -77,6 +79,34 @@ def random_resized_crop_box(rng: random.Random, width: int, height: int, scale: 
 
 
 JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
+HUE_SPACES = ("hsv", "yiq")
+# NTSC RGB -> YIQ (rows Y, I, Q). Y is the ITU-R 601 luma that grayscale uses.
+RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+YIQ_TO_RGB = torch.linalg.inv(RGB_TO_YIQ)
+
+
+def rotate_hue_yiq(x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
+    """Luma-preserving hue rotation of RGB ``x`` (N, 3, H, W) in [0, 1] by ``turns`` (N,).
+
+    (Y, I, Q) = M x; the chroma (I, Q) turns by theta = 2 pi d:
+    I' = I cos theta - Q sin theta, Q' = I sin theta + Q cos theta; then
+    x' = clamp(M^-1 (Y, I', Q'), 0, 1). Unlike the HSV shift of
+    ``ColorJitter`` (which changes luma: blue -> green brightens 5x), the
+    grayscale image is unchanged up to the clamp, so the object/background
+    contrast a shape is seen by survives every draw.
+    """
+    yiq = torch.einsum("ij,njhw->nihw", RGB_TO_YIQ.to(x), x)
+    angle = (2 * math.pi * turns.to(x)).view(-1, 1, 1)
+    cos, sin = angle.cos(), angle.sin()
+    rotated = torch.stack([yiq[:, 0], yiq[:, 1] * cos - yiq[:, 2] * sin, yiq[:, 1] * sin + yiq[:, 2] * cos], 1)
+    return torch.einsum("ij,njhw->nihw", YIQ_TO_RGB.to(x), rotated).clamp_(0, 1)
+
+
+def adjust_hue_yiq(img: Image.Image, turns: float) -> Image.Image:
+    """`rotate_hue_yiq` of one PIL RGB image (rounded back to uint8)."""
+    x = TF.pil_to_tensor(img).float().div_(255)[None]
+    out = rotate_hue_yiq(x, torch.tensor([turns]))[0].mul_(255).round_().to(torch.uint8)
+    return TF.to_pil_image(out)
 
 
 @dataclass(frozen=True)
@@ -110,16 +140,18 @@ class CropRecipe:
     solarize_p: float = 0.0
 
 
-def apply_crop_params(img: Image.Image, params: CropParams, size: int) -> Image.Image:
+def apply_crop_params(img: Image.Image, params: CropParams, size: int, hue_space: str = "hsv") -> Image.Image:
     """The PIL pipeline of one crop: crop + bicubic resize to ``size`` -> flip ->
-    jitter ops in ``order`` -> grayscale (ITU-R 601-2 luma) -> Gaussian blur ->
+    jitter ops in ``order`` (hue in ``hue_space``: "hsv" as ColorJitter, or
+    "yiq", `rotate_hue_yiq`) -> grayscale (ITU-R 601-2 luma) -> Gaussian blur ->
     solarize (values >= 128 become 255 - v). Returns an RGB ``size`` x ``size`` image."""
     top, left, height, width = params.box
     out = img.crop((left, top, left + width, top + height)).resize((size, size), Image.BICUBIC)
     if params.flip:
         out = ImageOps.mirror(out)
     if params.jitter is not None:
-        adjust = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+        adjust = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation,
+                  adjust_hue_yiq if hue_space == "yiq" else TF.adjust_hue)
         for op in params.jitter.order:
             out = adjust[op](out, params.jitter.factors[op])
     if params.grayscale:
@@ -143,7 +175,11 @@ class MultiCropAugmentation:
                  global_scale: tuple[float, float] = (0.4, 1.0),
                  local_scale: tuple[float, float] = (0.05, 0.4), n_local: int = 8,
                  mean=IMAGENET_MEAN, std=IMAGENET_STD, saturation: float = 0.2, hue: float = 0.1,
-                 grayscale_p: float = 0.2, blur_radius: tuple[float, float] = (0.1, 2.0)):
+                 grayscale_p: float = 0.2, blur_radius: tuple[float, float] = (0.1, 2.0),
+                 hue_space: str = "hsv"):
+        if hue_space not in HUE_SPACES:
+            raise UserError(f"unknown hue space '{hue_space}': use one of {', '.join(HUE_SPACES)}")
+        self.hue_space = hue_space
         self.recipes = [CropRecipe(global_size, tuple(global_scale), blur_p=1.0),
                         CropRecipe(global_size, tuple(global_scale), blur_p=0.1, solarize_p=0.2)]
         self.recipes += [CropRecipe(local_size, tuple(local_scale), blur_p=0.5)] * n_local
@@ -158,7 +194,7 @@ class MultiCropAugmentation:
         """The multi-crop of a `pretrain.config.TrainConfig` (its crop sizes, scales, counts, jitter, blur)."""
         return cls(cfg.global_crops_size, cfg.local_crops_size, cfg.global_crops_scale, cfg.local_crops_scale,
                    cfg.local_crops_number, saturation=cfg.jitter_saturation, hue=cfg.jitter_hue,
-                   grayscale_p=cfg.grayscale_p, blur_radius=cfg.blur_radius)
+                   grayscale_p=cfg.grayscale_p, blur_radius=cfg.blur_radius, hue_space=cfg.jitter_hue_space)
 
     @property
     def ncrops(self) -> int:
@@ -194,7 +230,7 @@ class MultiCropAugmentation:
     def __call__(self, img: Image.Image, rng: random.Random) -> list[torch.Tensor]:
         crops = []
         for params, recipe in zip(self.draw(img.width, img.height, rng), self.recipes):
-            out = apply_crop_params(img, params, recipe.size)
+            out = apply_crop_params(img, params, recipe.size, self.hue_space)
             crops.append(TF.normalize(TF.to_tensor(out), self.mean, self.std))
         return crops
 

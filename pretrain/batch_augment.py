@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from data.errors import UserError
 
 from .augment import (IMAGENET_MEAN, IMAGENET_STD, DecodedBatch, DecodedCropDataset, MultiCropAugmentation,
-                      MultiCropDataset, collate_decoded)
+                      MultiCropDataset, collate_decoded, rotate_hue_yiq)
 
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)
 BLUR_PASSES = 3
@@ -183,13 +183,16 @@ def pil_hue_shift(turns: torch.Tensor) -> torch.Tensor:
     return torch.trunc(turns * HUE_STEPS) / HUE_STEPS
 
 
-def color_jitter(x: torch.Tensor, applied: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+def color_jitter(x: torch.Tensor, applied: torch.Tensor, factors: torch.Tensor, order: torch.Tensor,
+                 hue_space: str = "hsv") -> torch.Tensor:
     """Per-sample colour jitter in per-sample order, in place. ``applied`` (N,)
     bool, ``factors`` (N, 4) (brightness, contrast, saturation blend factors,
     hue shift in turns), ``order`` (N, 4) op index at each position: CPU tensors.
     A blend is x <- clamp(t + f (x - t), 0, 1), t = s L + c mean(L) with L the
-    luma, (s, c) = (0, 0) brightness, (0, 1) contrast, (1, 0) saturation."""
-    shift = pil_hue_shift(factors[:, 3])
+    luma, (s, c) = (0, 0) brightness, (0, 1) contrast, (1, 0) saturation.
+    Hue: PIL's HSV shift, or `pretrain.augment.rotate_hue_yiq` (``hue_space="yiq"``)."""
+    shift = pil_hue_shift(factors[:, 3]) if hue_space == "hsv" else factors[:, 3]
+    hue_op = rotate_hue if hue_space == "hsv" else rotate_hue_yiq
     for position in range(order.shape[1]):
         op = torch.where(applied, order[:, position], -1)
         blended = (op >= 0) & (op <= 2)
@@ -198,7 +201,7 @@ def color_jitter(x: torch.Tensor, applied: torch.Tensor, factors: torch.Tensor, 
         mean = target.mean((2, 3), keepdim=True)
         target.mul_(per_sample(op == 2, x)).add_(mean.mul_(per_sample(op == 1, x)))
         torch.lerp(target.expand_as(x), x, per_sample(factor, x), out=x).clamp_(0, 1)
-        x = on_rows(x, (op == 3) & (shift != 0), rotate_hue, shift)
+        x = on_rows(x, (op == 3) & (shift != 0), hue_op, shift)
     return x
 
 
@@ -243,8 +246,10 @@ class BatchMultiCrop:
     fault per 4 KiB when allocated again, and 1 GiB on a GPU.
     """
 
-    def __init__(self, sizes: list[int], mean=IMAGENET_MEAN, std=IMAGENET_STD, chunk_bytes: int | None = None):
+    def __init__(self, sizes: list[int], mean=IMAGENET_MEAN, std=IMAGENET_STD, chunk_bytes: int | None = None,
+                 hue_space: str = "hsv"):
         self.sizes = list(sizes)
+        self.hue_space = hue_space
         self.mean, self.std = list(mean), list(std)
         # (x - mean) / std as x * scale + shift
         self.scale = 1 / torch.tensor(std).view(1, 3, 1, 1)
@@ -254,13 +259,13 @@ class BatchMultiCrop:
     @classmethod
     def like(cls, augmentation: MultiCropAugmentation, chunk_bytes: int | None = None) -> "BatchMultiCrop":
         """The batched twin of a PIL augmentation (same sizes and normalisation)."""
-        return cls(augmentation.sizes, augmentation.mean, augmentation.std, chunk_bytes)
+        return cls(augmentation.sizes, augmentation.mean, augmentation.std, chunk_bytes, augmentation.hue_space)
 
     def augment(self, source: torch.Tensor, owner: torch.Tensor, p: dict[str, torch.Tensor], size: int,
                 out: torch.Tensor) -> None:
         """All steps for crops of one size: ``out`` (N, 3, size, size) <- normalised crops."""
         x = resize_crops(source, owner, p["box"], p["flip"], size)
-        x = color_jitter(x, p["jitter"], p["factors"], p["order"])
+        x = color_jitter(x, p["jitter"], p["factors"], p["order"], self.hue_space)
         x = on_rows(x, p["grayscale"], to_gray)
         x = on_rows(x, p["blur"], gaussian_blur, p["blur_radius"])
         x = on_rows(x, p["solarize"], solarize)

@@ -13,11 +13,11 @@ import torchvision.transforms.functional as TF
 from PIL import Image, ImageFilter, ImageOps
 
 from bench.augment_throughput import photo_like
-from data.errors import run_cli
+from data.errors import UserError, run_cli
 from data.imagefolder import ImageFolder
 from data.suite import render_object_image
 from pretrain.augment import (IMAGENET_STD, DecodedCropDataset, MultiCropAugmentation, collate_decoded, pack_params,
-                              random_resized_crop_box, sample_rng)
+                              random_resized_crop_box, rotate_hue_yiq, sample_rng)
 from pretrain.batch_augment import (BatchMultiCrop, color_jitter, gaussian_blur, luma, resize_crops, rotate_hue,
                                     solarize, source_planes)
 from pretrain.checkpoint import safe_load
@@ -168,8 +168,11 @@ def pil_and_batched(augmentation: MultiCropAugmentation, images: list, device: s
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("settings", [dict(global_size=64, local_size=32, n_local=4),
                                       dict(global_size=32, local_size=16, n_local=4, local_scale=(0.1, 0.4),
-                                           saturation=0.8, hue=0.5, grayscale_p=0.5, blur_radius=(0.015, 0.3))],
-                         ids=["paper-like", "demo"])
+                                           saturation=0.8, hue=0.5, grayscale_p=0.5, blur_radius=(0.015, 0.3)),
+                                      dict(global_size=32, local_size=16, n_local=4, local_scale=(0.1, 0.4),
+                                           saturation=0.8, hue=0.5, grayscale_p=0.5, blur_radius=(0.015, 0.3),
+                                           hue_space="yiq")],
+                         ids=["paper-like", "demo-hsv", "demo-yiq"])
 def test_full_pipeline_matches_pil(settings, device):
     augmentation = MultiCropAugmentation(**settings)
     images = [photo(), suite_image(), photo(77, 101, seed=8), suite_image(48)] * 3  # mixed sizes: padding
@@ -181,6 +184,22 @@ def test_full_pipeline_matches_pil(settings, device):
     # the ops' PIL roundings add up: up to four jitter truncations (half a level each on average), the
     # 8-bit HSV of hue, six blur roundings; rare pixels near saturated hues reach the hue bound
     assert diff.mean() < 2.0 and diff.quantile(0.99) < 7.0 and diff.max() < 20.0
+
+
+def test_yiq_hue_rotation_keeps_luma_and_turns_the_chroma():
+    torch.manual_seed(0)
+    x = 0.4 + 0.2 * torch.rand(4, 3, 8, 8)  # mid-range colours: every rotation stays inside [0, 1]
+    turns = torch.tensor([0.0, 0.25, 0.5, 1.0])
+    rotated = rotate_hue_yiq(x, turns)
+    assert torch.allclose(luma(rotated), luma(x), atol=1e-5)  # grayscale unchanged
+    assert torch.allclose(rotated[0], x[0], atol=1e-5) and torch.allclose(rotated[3], x[3], atol=1e-5)
+    # half a turn negates the chroma: x' = 2 Y - x channel-wise (M^-1 maps (Y, 0, 0) to (Y, Y, Y))
+    assert torch.allclose(rotated[2], (2 * luma(x[2:3]) - x[2:3])[0], atol=1e-5)
+    # a quarter turn twice is half a turn
+    twice = rotate_hue_yiq(rotate_hue_yiq(x[1:2], turns[1:2]), turns[1:2])
+    assert torch.allclose(twice, rotate_hue_yiq(x[1:2], torch.tensor([0.5])), atol=1e-5)
+    with pytest.raises(UserError, match="unknown hue space 'lab'"):
+        MultiCropAugmentation(hue_space="lab")
 
 
 def test_batch_composition_and_chunking_do_not_change_a_crop():
