@@ -5,7 +5,7 @@
 #   make knn      CKPT=runs/x/checkpoint.pth DATA=/data/imagenet
 #   make eval-all CKPT=runs/x/checkpoint.pth [ARCH=.. PATCH=..] [DATA_ROOT=data/suite] [OUT=results/<run>] [FORCE=1]
 #   make data     write the embedded suite into data/suite/
-#   make bench    training and data-pipeline throughput on this machine
+#   make bench    training, data-pipeline and evaluation throughput on this machine
 
 PYTHON ?= python3
 VENV := .venv
@@ -77,6 +77,8 @@ eval-all: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench.train_throughput
 	$(PY) -m bench.augment_throughput
+	$(PY) -m bench.eval_throughput
+	$(PY) -m bench.davis_propagation
 
 clean:
 	rm -rf runs data/suite
