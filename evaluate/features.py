@@ -258,8 +258,8 @@ def run_name(ckpt: str, arch: str | None = None, patch: int | None = None) -> st
     return path.parent.name if path.name.startswith("checkpoint") and path.parent.name else path.stem
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, batch_size: int = 64) -> None:
-    """The flags every evaluator shares: model source, extraction, cache, output."""
+def add_model_source_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that name the model: checkpoint (or random init), arch, patch, key, seed."""
     parser.add_argument("--ckpt", default="random", help="checkpoint path, or 'random' (needs --arch or --random-like)")
     parser.add_argument("--arch", default=None, help="backbone arch (inferred from the checkpoint if omitted)")
     parser.add_argument("--patch", type=int, default=None)
@@ -267,6 +267,11 @@ def add_model_arguments(parser: argparse.ArgumentParser, batch_size: int = 64) -
     parser.add_argument("--random-like", default=None, metavar="CKPT",
                         help="score a random initialisation of CKPT's architecture (the trained model's baseline)")
     parser.add_argument("--seed", type=int, default=0)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, batch_size: int = 64) -> None:
+    """The flags every evaluator shares: model source, extraction, cache, output."""
+    add_model_source_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=batch_size)
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--fp32", action="store_true", help="no bf16 autocast on CUDA (the CPU is always fp32)")
@@ -276,15 +281,19 @@ def add_model_arguments(parser: argparse.ArgumentParser, batch_size: int = 64) -
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
 
 
-def extractor_from_args(args: argparse.Namespace) -> tuple[FeatureExtractor, dict | None]:
-    """Seed, load the model the flags name, and wrap it; returns (extractor, the checkpoint's train args)."""
+def model_from_args(args: argparse.Namespace) -> tuple[nn.Module, dict | None, str]:
+    """Seed, then load the model the source flags name: (model, the checkpoint's train args, run name)."""
     torch.manual_seed(args.seed)
     if args.random_like:
         model, train_args = load_backbone_with_args(args.random_like, key=args.key, random_weights=True)
-        name = run_name(args.random_like)
-    else:
-        model, train_args = load_backbone_with_args(args.ckpt, args.arch, args.patch, key=args.key)
-        name = run_name(args.ckpt, args.arch, args.patch)
+        return model, train_args, run_name(args.random_like)
+    model, train_args = load_backbone_with_args(args.ckpt, args.arch, args.patch, key=args.key)
+    return model, train_args, run_name(args.ckpt, args.arch, args.patch)
+
+
+def extractor_from_args(args: argparse.Namespace) -> tuple[FeatureExtractor, dict | None]:
+    """Seed, load the model the flags name, and wrap it; returns (extractor, the checkpoint's train args)."""
+    model, train_args, name = model_from_args(args)
     cache_dir = None if args.no_cache else (args.cache_dir or os.path.join("results", name, "features"))
     extractor = FeatureExtractor(model, batch_size=args.batch_size, num_workers=args.num_workers,
                                  fp32=args.fp32, cache_dir=cache_dir)

@@ -21,11 +21,11 @@ import torch
 
 from data.errors import UserError, run_cli
 from data.imagefolder import ImageFolder, split_root
-from pretrain.checkpoint import atomic_write_text, load_backbone_with_args
+from pretrain.checkpoint import atomic_write_text
 from pretrain.augment import eval_transform
 from pretrain.monitor import knn_scores
 
-from .features import FeatureExtractor, FeatureSpec
+from .features import FeatureExtractor, FeatureSpec, add_model_source_arguments, model_from_args
 
 DEFAULT_KS = (10, 20, 100, 200)
 
@@ -72,27 +72,17 @@ def trained_crop_size(args: dict | None) -> int | None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="weighted k-NN evaluation of a backbone")
-    parser.add_argument("--ckpt", default="random", help="checkpoint path, or 'random' (needs --arch or --random-like)")
+    add_model_source_arguments(parser)
     parser.add_argument("--data", required=True, help="folder with train/<class>/... and val/<class>/...")
-    parser.add_argument("--arch", default=None, help="backbone arch (inferred from the checkpoint if omitted)")
-    parser.add_argument("--patch", type=int, default=None)
-    parser.add_argument("--key", default="teacher", help="checkpoint entry: teacher (default) or student")
     parser.add_argument("--image-size", type=int, default=None,
                         help="centre-crop side (default 224, or the checkpoint's global crop size)")
     parser.add_argument("--ks", type=int, nargs="+", default=list(DEFAULT_KS))
     parser.add_argument("--temperature", type=float, default=0.07)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--num-workers", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--random-like", default=None, metavar="CKPT",
-                        help="score a random initialisation of CKPT's architecture (the trained model's baseline)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
-    torch.manual_seed(args.seed)
-    if args.random_like:
-        model, train_args = load_backbone_with_args(args.random_like, key=args.key, random_weights=True)
-    else:
-        model, train_args = load_backbone_with_args(args.ckpt, args.arch, args.patch, key=args.key)
+    model, train_args, _ = model_from_args(args)
     image_size = args.image_size or trained_crop_size(train_args) or 224
     results = run_knn(model, args.data, image_size, args.batch_size, tuple(args.ks), args.temperature, args.num_workers)
     for k, (top1, top5) in results.items():
