@@ -13,6 +13,17 @@ mean raw teacher logit of the batch (over all processes):
 
     c <- m c + (1 - m) mean_{b, i} T_i[b]      (m = 0.9)
 
+Collapse monitors (the paper's collapse study, Fig. 7), on request: the
+mean entropy of the teacher's targets and the mean KL from teacher to
+student over the same pairs,
+
+    H(q)       = mean_{i, b} ( - sum_k q_i[b, k] log q_i[b, k] )      in [0, ln K]
+    KL(q || p) = mean_{(i, v) in P} mean_b sum_k q_i log(q_i / p_v) = L - H(q)
+
+(every teacher crop appears in the same number of pairs, so the cross
+entropy L splits exactly into the two). Uniform collapse: H -> ln K and
+KL -> 0; collapse to one dimension: H -> 0 and KL -> 0.
+
 tau_t(epoch) rises linearly from ``warmup_teacher_temp`` to ``teacher_temp``
 over ``warmup_teacher_temp_epochs`` epochs (per epoch, as in the official code),
 then stays constant.
@@ -49,10 +60,13 @@ class DINOLoss(nn.Module):
         schedule = self.teacher_temp_schedule
         return float(schedule[min(epoch, len(schedule) - 1)])
 
-    def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int) -> torch.Tensor:
+    def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int,
+                monitors: bool = False):
         """student_output ((ncrops * B, K)), teacher_output ((2 * B, K)) -> scalar loss.
 
-        Updates ``center`` (after computing the loss, which uses the old one).
+        With ``monitors``: (loss, {"teacher_entropy", "teacher_student_kl"}) as 0-d
+        tensors (no host sync). Updates ``center`` (after computing the loss,
+        which uses the old one).
         """
         student_log_probs = F.log_softmax(student_output.float() / self.student_temp, dim=-1)
         student_chunks = student_log_probs.chunk(self.ncrops)
@@ -67,7 +81,12 @@ class DINOLoss(nn.Module):
                 total = total + torch.sum(-target * log_probs, dim=-1).mean()
                 pairs += 1
         self.update_center(teacher_output)
-        return total / pairs
+        loss = total / pairs
+        if not monitors:
+            return loss
+        with torch.no_grad():
+            entropy = -torch.special.xlogy(teacher_probs, teacher_probs).sum(dim=-1).mean()  # 0 log 0 = 0
+            return loss, {"teacher_entropy": entropy, "teacher_student_kl": loss.detach() - entropy}
 
     @torch.no_grad()
     def update_center(self, teacher_output: torch.Tensor) -> None:

@@ -210,7 +210,9 @@ class Trainer:
                 handle.write(json.dumps(record) + "\n")
 
     # ---------------------------------------------------------------- steps
-    def train_step(self, crops: list[torch.Tensor], epoch: int, it: int) -> float:
+    def train_step(self, crops: list[torch.Tensor], epoch: int, it: int, monitors: bool = False):
+        """One optimisation step; returns the loss, or with ``monitors`` (loss, collapse monitors)
+        (`DINOLoss` teacher entropy and teacher-student KL, as floats)."""
         cfg = self.cfg
         for index, group in enumerate(self.optimizer.param_groups):
             group["lr"] = float(self.lr_schedule[it])
@@ -221,7 +223,9 @@ class Trainer:
             with torch.no_grad():
                 teacher_output = self.teacher_ddp(crops[:2])
             student_output = self.student_ddp(crops)
-            loss = self.loss_fn(student_output, teacher_output, epoch)
+            loss = self.loss_fn(student_output, teacher_output, epoch, monitors=monitors)
+            if monitors:
+                loss, collapse = loss
         if not math.isfinite(loss.item()):
             raise UserError(f"loss is {loss.item()} at epoch {epoch}, iteration {it}: training diverged; "
                             f"lower --lr or use --precision fp32 (last checkpoint in '{self.output_dir}' is intact)")
@@ -243,6 +247,8 @@ class Trainer:
         else:
             self.optimizer.step()
         ema_update(self.teacher, self.student, float(self.momentum_schedule[it]))
+        if monitors:
+            return loss.item(), {name: value.item() for name, value in collapse.items()}
         return loss.item()
 
     def make_loader(self) -> torch.utils.data.DataLoader:
@@ -264,15 +270,18 @@ class Trainer:
         losses = []
         for step, crops in enumerate(loader, start=first_step):
             it = self.iteration
-            loss = self.train_step(crops, epoch, it)
+            log_step = (it + 1) % max(cfg.log_every_steps, 1) == 0
+            loss, collapse = self.train_step(crops, epoch, it, monitors=True) if log_step \
+                else (self.train_step(crops, epoch, it), None)
             losses.append(loss)
             self.iteration, self.steps_done = it + 1, self.steps_done + 1
             bar.update(1)
-            if self.iteration % max(cfg.log_every_steps, 1) == 0:
+            if log_step:
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.lr_schedule[it]:.2e}")
                 self.log({"kind": "step", "epoch": epoch, "iteration": self.iteration, "loss": loss,
                           "lr": float(self.lr_schedule[it]), "wd": float(self.wd_schedule[it]),
-                          "teacher_momentum": float(self.momentum_schedule[it])})
+                          "teacher_momentum": float(self.momentum_schedule[it]),
+                          "teacher_temp": self.loss_fn.teacher_temp(epoch), **collapse})
             if self.max_steps_reached():
                 break
             if cfg.save_every_steps and self.iteration % cfg.save_every_steps == 0 and step + 1 < self.iters_per_epoch:
@@ -280,15 +289,16 @@ class Trainer:
         return losses
 
     def end_epoch(self, epoch: int, losses: list[float]) -> None:
-        """Epoch record (means, teacher temperature, kNN monitor) and checkpoint."""
+        """Epoch record (means, teacher temperature, kNN monitor of the teacher and of the student) and checkpoint."""
         cfg, it = self.cfg, self.iteration - 1
         record = {"kind": "epoch", "epoch": epoch,
                   "train_loss": all_reduce_mean(sum(losses) / max(len(losses), 1), self.dist),
                   "train_lr": float(self.lr_schedule[it]), "train_wd": float(self.wd_schedule[it]),
                   "teacher_temp": self.loss_fn.teacher_temp(epoch)}
         if self.monitor is not None and cfg.knn_every and ((epoch + 1) % cfg.knn_every == 0 or epoch + 1 == cfg.epochs):
-            if self.dist.is_main:
+            if self.dist.is_main:  # the paper's observation: the teacher leads the student
                 record.update(self.monitor(self.teacher.backbone))
+                record.update({f"student_{name}": value for name, value in self.monitor(self.student.backbone).items()})
             barrier(self.dist)
         self.log(record)
         self.save(epoch + 1, 0)

@@ -77,3 +77,55 @@ def test_teacher_temperature_schedule_points():
     loss_fn = DINOLoss(4, 2, 0.04, 0.07, 30, 100)
     assert loss_fn.teacher_temp(500) == pytest.approx(0.07)  # past the end: the last value
     assert np.all(teacher_temperature_schedule(0.04, 0.04, 0, 5) == 0.04)  # code default: constant
+
+
+def reference_monitors(student, teacher, center, ncrops, tau_s, tau_t):
+    """Teacher entropy (mean over crops and batch) and KL(q_i || p_v) averaged over the loss's pairs, directly."""
+    batch = teacher.shape[0] // 2
+    targets = [softmax((teacher[i * batch:(i + 1) * batch] - center) / tau_t) for i in range(2)]
+    entropy = np.mean([-(q * np.log(q)).sum(axis=1).mean() for q in targets])
+    kls = []
+    for i, q in enumerate(targets):
+        for v in range(ncrops):
+            if v != i:
+                p = softmax(student[v * batch:(v + 1) * batch] / tau_s)
+                kls.append((q * (np.log(q) - np.log(p))).sum(axis=1).mean())
+    return entropy, np.mean(kls)
+
+
+@pytest.mark.parametrize("ncrops", [2, 6])
+def test_collapse_monitors_match_entropy_and_kl_formulas(ncrops):
+    rng = np.random.default_rng(1)
+    batch, dim = 4, 9
+    student = rng.normal(size=(ncrops * batch, dim))
+    teacher = rng.normal(size=(2 * batch, dim))
+    center = rng.normal(size=(1, dim))
+    loss_fn = DINOLoss(dim, ncrops, 0.04, 0.07, 3, 10)
+    loss_fn.center.copy_(torch.tensor(center))
+    loss, monitors = loss_fn(torch.tensor(student, dtype=torch.float32), torch.tensor(teacher, dtype=torch.float32),
+                             2, monitors=True)
+    want_entropy, want_kl = reference_monitors(student, teacher, center, ncrops, 0.1, 0.07)
+    assert monitors["teacher_entropy"].item() == pytest.approx(want_entropy, rel=1e-4)
+    assert monitors["teacher_student_kl"].item() == pytest.approx(want_kl, rel=1e-4, abs=1e-5)
+    # same loss (and same center update) as without monitors
+    plain = DINOLoss(dim, ncrops, 0.04, 0.07, 3, 10)
+    plain.center.copy_(torch.tensor(center))
+    assert plain(torch.tensor(student, dtype=torch.float32), torch.tensor(teacher, dtype=torch.float32), 2).item() \
+        == loss.item()
+    assert torch.equal(plain.center, loss_fn.center)
+
+
+def test_collapse_monitors_at_the_two_collapses():
+    dim, batch = 16, 5
+    # uniform collapse: constant logits everywhere -> H = ln K, KL = 0
+    loss_fn = DINOLoss(dim, 4, 0.04, 0.04, 0, 10)
+    _, uniform = loss_fn(torch.zeros(4 * batch, dim), torch.zeros(2 * batch, dim), 0, monitors=True)
+    assert uniform["teacher_entropy"].item() == pytest.approx(np.log(dim), rel=1e-6)
+    assert uniform["teacher_student_kl"].item() == pytest.approx(0.0, abs=1e-6)
+    # one dimension dominates teacher and student: H -> 0 (0 log 0 counted as 0, no NaN), KL -> 0
+    spike = torch.zeros(1, dim)
+    spike[0, 3] = 100.0
+    loss_fn = DINOLoss(dim, 4, 0.04, 0.04, 0, 10)
+    _, peaked = loss_fn(spike.repeat(4 * batch, 1), spike.repeat(2 * batch, 1), 0, monitors=True)
+    assert peaked["teacher_entropy"].item() == pytest.approx(0.0, abs=1e-6)
+    assert peaked["teacher_student_kl"].item() == pytest.approx(0.0, abs=1e-4)

@@ -1,5 +1,6 @@
 """The trainer end to end on a tiny config: learning, resume, DDP, bad input."""
 import json
+import math
 import os
 import re
 import socket
@@ -62,6 +63,12 @@ def test_end_to_end_pretrain_then_knn(tiny_suite, tmp_path):
     assert all(r["teacher_temp"] == pytest.approx(0.04) for r in epochs)
     steps = [r for r in records if r["kind"] == "step"]
     assert steps[0]["lr"] == 0.0 and steps[0]["teacher_momentum"] == pytest.approx(0.99)
+    # collapse monitors on every logged step: 0 <= H <= ln K, KL >= 0, and H + KL is the step's loss
+    for step in steps:
+        assert 0.0 <= step["teacher_entropy"] <= math.log(cfg.out_dim) + 1e-5
+        assert step["teacher_student_kl"] >= -1e-5
+        assert step["teacher_entropy"] + step["teacher_student_kl"] == pytest.approx(step["loss"], rel=1e-5)
+        assert step["teacher_temp"] == pytest.approx(0.04)
     checkpoint = safe_load(out / "checkpoint.pth")
     assert checkpoint["epoch"] == 2 and set(checkpoint) >= {"student", "teacher", "optimizer", "args", "dino_loss"}
     assert all(k.startswith("module.") for k in checkpoint["student"])
@@ -71,6 +78,10 @@ def test_end_to_end_pretrain_then_knn(tiny_suite, tmp_path):
     top1, top5 = run_knn(load_backbone(out / "checkpoint.pth"), str(tiny_suite), 32, ks=(20,), num_workers=0)[20]
     assert epochs[-1]["knn_top1_k20"] == pytest.approx(top1)
     assert epochs[-1]["knn_top5_k20"] == pytest.approx(top5)
+    # ... and the student's monitor is the student's own 20-NN accuracy
+    student_top1, _ = run_knn(load_backbone(out / "checkpoint.pth", key="student"), str(tiny_suite), 32, ks=(20,),
+                              num_workers=0)[20]
+    assert epochs[-1]["student_knn_top1_k20"] == pytest.approx(student_top1)
     # the first epoch trains everything but the frozen last layer: prototypes unchanged
     first = safe_load(out / "checkpoint0000.pth")["student"]
     torch.manual_seed(cfg.seed)  # the trainer draws the initial weights right after seeding
@@ -127,7 +138,10 @@ def test_non_finite_loss_stops_with_checkpoint_intact(tiny_suite, tmp_path, monk
     Trainer(tiny_cfg(tiny_suite / "train", out, epochs=2, max_steps=15), DistInfo()).fit()
     before = (out / "checkpoint.pth").read_bytes()
     trainer = Trainer(tiny_cfg(tiny_suite / "train", out, epochs=2), DistInfo())
-    monkeypatch.setattr(trainer.loss_fn, "forward", lambda s, t, e: (s.sum() * float("nan")))
+    def nan_loss(student_output, teacher_output, epoch, monitors=False):
+        loss = student_output.sum() * float("nan")
+        return (loss, {"teacher_entropy": loss, "teacher_student_kl": loss}) if monitors else loss
+    monkeypatch.setattr(trainer.loss_fn, "forward", nan_loss)
     with pytest.raises(UserError, match="loss is nan .* training diverged"):
         trainer.fit()
     assert (out / "checkpoint.pth").read_bytes() == before
