@@ -1,9 +1,10 @@
 # DINO suite. Every target builds .venv on first use (from pyproject.toml).
-#   make demo     CPU demo: generate the suite, pretrain, all six evaluations random vs trained
+#   make demo     CPU demo: generate the suite, pretrain, all six evaluations random vs trained, the HTML report
 #   make test     the test suite
 #   make pretrain ARCH=vit_small PATCH=8 DATA=/data/imagenet/train [PRESET=paper] [GPUS=8] ...
 #   make knn      CKPT=runs/x/checkpoint.pth DATA=/data/imagenet
 #   make eval-all CKPT=runs/x/checkpoint.pth [ARCH=.. PATCH=..] [DATA_ROOT=data/suite] [OUT=results/<run>] [FORCE=1]
+#   make report   CKPT=runs/x/checkpoint.pth [DATA_ROOT=data/suite] [OUT=results/<run>] [IMAGES="a.jpg dir/"]
 #   make data     write the embedded suite into data/suite/
 #   make bench    training, data-pipeline and evaluation throughput on this machine
 
@@ -30,8 +31,9 @@ EXTRA ?=
 CKPT ?=
 DATA_ROOT ?= data/suite
 FORCE ?=
+IMAGES ?=
 
-.PHONY: venv data demo test pretrain knn eval-all bench clean
+.PHONY: venv data demo test pretrain knn eval-all report bench clean
 
 venv: $(STAMP)
 
@@ -44,8 +46,10 @@ $(STAMP): pyproject.toml
 data: $(STAMP)
 	$(PY) -m data.suite --out data/suite
 
+# the report is written even when an evaluation failed (it lists what is missing); the demo's status is kept
 demo: $(STAMP)
-	$(PY) -m evaluate.demo
+	@$(PY) -m evaluate.demo; rc=$$?; \
+	$(PY) -m analysis.report --ckpt runs/demo/checkpoint.pth --data-root data/suite || rc=$$?; exit $$rc
 
 test: $(STAMP)
 	@$(PY) -m pytest tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
@@ -73,6 +77,12 @@ eval-all: $(STAMP)
 	$(PY) -m evaluate.eval_all --ckpt "$(CKPT)" --data-root "$(DATA_ROOT)" $(if $(ARCH),--arch $(ARCH)) \
 		$(if $(PATCH),--patch $(PATCH)) $(if $(filter command line environment,$(origin OUT)),--out "$(OUT)") \
 		$(if $(filter 1 yes true,$(FORCE)),--force) $(EXTRA)
+
+report: $(STAMP)
+	@test -n "$(CKPT)" || { echo "error: make report needs CKPT=<checkpoint> (run make eval-all CKPT=... first for the tables)" >&2; exit 2; }
+	$(PY) -m analysis.report --ckpt "$(CKPT)" --data-root "$(DATA_ROOT)" $(if $(ARCH),--arch $(ARCH)) \
+		$(if $(PATCH),--patch $(PATCH)) $(if $(filter command line environment,$(origin OUT)),--out "$(OUT)") \
+		$(if $(IMAGES),--images $(IMAGES)) $(EXTRA)
 
 bench: $(STAMP)
 	$(PY) -m bench.train_throughput

@@ -118,3 +118,13 @@ def save_figure(fig, path: str | Path, dpi: int = 100) -> Path:
     finally:
         plt.close(fig)
     return atomic_write_bytes(path, buffer.getvalue())
+
+
+def print_outcome(result: FigureSet) -> int:
+    """A figure CLI's ending: a line per figure written and per input skipped; the exit status, 1 if some
+    input was skipped, else 0 (a maker that drew nothing raises UserError: exit 2)."""
+    for figure in result.figures:
+        print(f"wrote {figure.path}")
+    for problem in result.problems:
+        print(f"skipped: {problem}")
+    return 1 if result.problems else 0

@@ -26,7 +26,7 @@ import os
 from dataclasses import dataclass
 
 from data.errors import UserError
-from data.imagefolder import _check_directory, _images_directly_in
+from data.imagefolder import _check_directory, images_directly_in
 
 ORIGINAL_BLOCK = "original"
 STRONG_BLOCK = "strong"
@@ -129,7 +129,7 @@ class Copydays:
         folder = os.fspath(folder)
         hint = f"pass a flat folder of {what} images or leave the option out"
         _check_directory(folder, f"{what} directory", hint)
-        paths = _images_directly_in(folder)
+        paths = images_directly_in(folder)
         if not paths:
             raise UserError(f"{what} directory '{folder}' holds no image files: {hint}")
         return paths

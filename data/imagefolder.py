@@ -60,7 +60,7 @@ def _visible_subdirectories(root: str) -> list:
                   if entry.is_dir() and not entry.name.startswith("."))
 
 
-def _images_directly_in(folder: str) -> list:
+def images_directly_in(folder: str) -> list:
     """Sorted paths of the image files directly inside ``folder`` (not recursive)."""
     return sorted(entry.path for entry in os.scandir(folder)
                   if entry.is_file() and is_image_file(entry.name))
@@ -96,7 +96,7 @@ class ImageFolder(torch.utils.data.Dataset):
     def _find_samples(self, allow_flat: bool):
         class_names = _visible_subdirectories(self.root)
         if not class_names:
-            flat_images = _images_directly_in(self.root)
+            flat_images = images_directly_in(self.root)
             if flat_images and allow_flat:
                 return [os.path.basename(os.path.abspath(self.root))], [(path, 0) for path in flat_images]
             found = f"found {len(flat_images)} images but no class sub-folders" if flat_images \

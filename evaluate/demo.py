@@ -105,7 +105,8 @@ def main(argv=None) -> int:
     output_dir = Path(args.output_dir)
     if output_dir.exists():
         shutil.rmtree(output_dir)
-    train_args = ["--preset", "demo", "--data", str(Path(args.suite) / "classification" / "train"),
+    classification = Path(args.suite) / "classification"
+    train_args = ["--preset", "demo", "--data", str(classification / "train"), "--knn-data", str(classification),
                   "--output-dir", str(output_dir), "--seed", str(args.seed)]
     if args.epochs:
         train_args += ["--epochs", str(args.epochs)]

@@ -229,6 +229,15 @@ class FeatureExtractor:
         return features, labels
 
 
+def as_extractor(source, device=None, batch_size: int = 64, num_workers: int = 0, progress: bool = True,
+                 fp32: bool = True) -> FeatureExtractor:
+    """``source`` itself when it is a `FeatureExtractor` (its own device, precision, cache), else an
+    uncached one around the backbone ``source``."""
+    if isinstance(source, FeatureExtractor):
+        return source
+    return FeatureExtractor(source, device, batch_size, num_workers, fp32=fp32, progress=progress)
+
+
 def read_cache(path: Path, key: dict, num_samples: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(features, labels) from a cache file holding exactly ``key``; None when absent, stale or unreadable."""
     if not path.is_file():
@@ -281,14 +290,19 @@ def add_model_arguments(parser: argparse.ArgumentParser, batch_size: int = 64) -
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
 
 
+def source_run_name(args: argparse.Namespace) -> str:
+    """The run name of the model the source flags name (a random twin shares its checkpoint's run)."""
+    return run_name(args.random_like) if args.random_like else run_name(args.ckpt, args.arch, args.patch)
+
+
 def model_from_args(args: argparse.Namespace) -> tuple[nn.Module, dict | None, str]:
     """Seed, then load the model the source flags name: (model, the checkpoint's train args, run name)."""
     torch.manual_seed(args.seed)
     if args.random_like:
         model, train_args = load_backbone_with_args(args.random_like, key=args.key, random_weights=True)
-        return model, train_args, run_name(args.random_like)
-    model, train_args = load_backbone_with_args(args.ckpt, args.arch, args.patch, key=args.key)
-    return model, train_args, run_name(args.ckpt, args.arch, args.patch)
+    else:
+        model, train_args = load_backbone_with_args(args.ckpt, args.arch, args.patch, key=args.key)
+    return model, train_args, source_run_name(args)
 
 
 def extractor_from_args(args: argparse.Namespace) -> tuple[FeatureExtractor, dict | None]:

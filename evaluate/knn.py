@@ -25,7 +25,7 @@ from pretrain.checkpoint import atomic_write_text
 from pretrain.augment import eval_transform
 from pretrain.monitor import knn_scores
 
-from .features import FeatureExtractor, FeatureSpec, add_model_source_arguments, model_from_args
+from .features import FeatureSpec, as_extractor, add_model_source_arguments, model_from_args
 
 DEFAULT_KS = (10, 20, 100, 200)
 
@@ -45,6 +45,17 @@ def faiss_neighbours(train_features: torch.Tensor, query_features: torch.Tensor,
     return torch.from_numpy(similarities), torch.from_numpy(indices).long()
 
 
+def knn_datasets(data_root, image_size: int = 224) -> tuple[ImageFolder, ImageFolder]:
+    """``data_root``/train and /val as the evaluator reads them (Resize + CenterCrop to ``image_size``);
+    their class folders must match."""
+    train_dir, val_dir = split_root(data_root)
+    transform = eval_transform(image_size)
+    train_set, val_set = ImageFolder(train_dir, transform), ImageFolder(val_dir, transform)
+    if train_set.classes != val_set.classes:
+        raise UserError(f"train and val of '{data_root}' have different class folders: they must match")
+    return train_set, val_set
+
+
 def run_knn(source, data_root: str, image_size: int = 224, batch_size: int = 128, ks=DEFAULT_KS,
             temperature: float = 0.07, num_workers: int = 2, device=None) -> dict[int, tuple[float, float]]:
     """Extract features of ``data_root``/train and /val and score weighted k-NN.
@@ -53,13 +64,8 @@ def run_knn(source, data_root: str, image_size: int = 224, batch_size: int = 128
     ``num_workers`` and ``device`` say how) or a `FeatureExtractor` (its own
     device, precision, batch size and feature cache).
     """
-    train_dir, val_dir = split_root(data_root)
-    transform = eval_transform(image_size)
-    train_set, val_set = ImageFolder(train_dir, transform), ImageFolder(val_dir, transform)
-    if train_set.classes != val_set.classes:
-        raise UserError(f"train and val of '{data_root}' have different class folders: they must match")
-    extractor = source if isinstance(source, FeatureExtractor) else \
-        FeatureExtractor(source, device, batch_size, num_workers, fp32=True)
+    train_set, val_set = knn_datasets(data_root, image_size)
+    extractor = as_extractor(source, device, batch_size, num_workers)
     train_f, train_y = extractor(train_set, FeatureSpec("cls"), "train")
     val_f, val_y = extractor(val_set, FeatureSpec("cls"), "val")
     return knn_scores(train_f, train_y, val_f, val_y, ks, temperature, search=faiss_neighbours)

@@ -110,7 +110,7 @@ PRESETS: dict[str, dict] = {
                  global_crops_scale=(0.4, 1.0), local_crops_scale=(0.1, 0.4),
                  jitter_hue=0.5, jitter_hue_space="yiq", jitter_saturation=0.8, grayscale_p=0.5,
                  blur_radius=(0.015, 0.3), augment_on="device",
-                 num_workers=1, saveckp_freq=0, knn_every=0, log_every_steps=10),
+                 num_workers=1, saveckp_freq=0, knn_every=3, log_every_steps=10),
 }
 
 

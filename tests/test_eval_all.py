@@ -7,7 +7,6 @@ import shutil
 import pytest
 import torch
 
-from data import suite, suite_copydays, suite_retrieval, suite_segmentation, suite_video
 from data.errors import run_cli
 from evaluate import eval_all, results_table as rt
 from evaluate.attention_masks import run_attention_masks
@@ -20,7 +19,7 @@ from evaluate.retrieval import run_retrieval
 from evaluate.video_segmentation import PropagationOptions, run_video_segmentation
 from pretrain.checkpoint import load_backbone, load_backbone_with_args
 
-from evaluator_trees import save_tiny_checkpoint, tiny_vit
+from evaluator_trees import save_tiny_checkpoint, tiny_vit, write_tiny_suite
 
 LINEAR_EPOCHS = 3
 RUNNER_FUNCTIONS = ("run_knn", "run_linear", "run_retrieval", "run_copy_detection", "run_video_segmentation",
@@ -31,13 +30,7 @@ RUNNER_FUNCTIONS = ("run_knn", "run_linear", "run_retrieval", "run_copy_detectio
 def tiny_root(tmp_path_factory):
     """Every suite part at tiny sizes, and a tiny ViT checkpoint (patch 8, width 32, trained crop 32)."""
     root = tmp_path_factory.mktemp("eval_all")
-    data = root / "suite"
-    suite.write_classification(data, n_train_per_class=3, n_val_per_class=2, image_size=32, progress=False)
-    suite_retrieval.write_retrieval(data, n_landmarks=2, n_views_per_landmark=4, n_queries_per_landmark=1,
-                                    n_distractors=2, progress=False)
-    suite_copydays.write_copydays(data, n_originals=3, n_distractors=2, n_whitening=6, progress=False)
-    suite_video.write_davis(data, n_val_sequences=1, n_train_sequences=0, n_frames=4, progress=False)
-    suite_segmentation.write_voc(data, n_val=3, n_train=0, progress=False)
+    data = write_tiny_suite(root / "suite")
     checkpoint = save_tiny_checkpoint(root / "runs" / "tiny" / "checkpoint.pth")
     return data, checkpoint
 
