@@ -101,7 +101,9 @@ PRESETS: dict[str, dict] = {
     #   makes an object as bright as its background in some crops and not in
     #   others, and the same 12-epoch run ends +4.6 20-NN points over random
     #   init instead of +7.6;
-    # - the Gaussian blur radius scaled by 32/224 like the images.
+    # - the Gaussian blur radius scaled by 32/224 like the images;
+    # - the 20-NN monitor of teacher and student every 3 epochs (for the
+    #   report's curves; about 1.5 s a time, with --knn-data).
     "demo": dict(arch="vit", embed_dim=64, depth=4, num_heads=2, patch_size=8, img_size=32,
                  drop_path_rate=0.0, out_dim=256, hidden_dim=512, bottleneck_dim=128, use_bn_in_head=True,
                  epochs=12, batch_size_per_gpu=64, lr=0.005, min_lr=1e-5, warmup_epochs=1,
