@@ -44,10 +44,9 @@ from data.copydays import STRONG_BLOCK, Copydays
 from data.errors import UserError, one_line_message, run_cli
 from data.imagefolder import load_rgb
 from data.revisitop import RevisitopDataset
-from evaluate.copy_detection import COPY_DETECTION_SPEC, copy_detection_transform
-from evaluate.descriptors import fit_pca_whitening
+from evaluate.copy_detection import copy_detection_descriptors
 from evaluate.eval_plan import EvalOptions, ModelInfo, plan, plan_copy_detection, plan_retrieval, read_suite
-from evaluate.features import (FeatureExtractor, ImageList, as_extractor, add_model_arguments, extractor_from_args,
+from evaluate.features import (FeatureExtractor, as_extractor, add_model_arguments, extractor_from_args,
                                source_run_name)
 from evaluate.metrics import RETRIEVAL_PROTOCOLS, protocol_sets
 from evaluate.retrieval import dataset_features, rank_database
@@ -212,15 +211,8 @@ def copy_detection_rows(extractor: FeatureExtractor, copydays: Copydays, query_i
     The database and whitening features use the evaluator's split names, so its feature cache is reused.
     """
     strong = copydays.block(STRONG_BLOCK)
-    transform = copy_detection_transform(imsize)
-    splits = {"database": copydays.database_paths, "strong-figure": [strong.paths[i] for i in query_indices],
-              "whitening": copydays.whitening_paths}
-    features = {split: extractor(ImageList(paths, transform), COPY_DETECTION_SPEC, f"copydays-{split}")[0]
-                for split, paths in splits.items() if paths}
-    database, queries = features["database"], features["strong-figure"]
-    if "whitening" in features:
-        whitening_map = fit_pca_whitening(features["whitening"])
-        database, queries = whitening_map.apply(database), whitening_map.apply(queries)
+    database, queries = copy_detection_descriptors(extractor, copydays, imsize,
+                                                   [strong.paths[i] for i in query_indices], "copydays-strong-figure")
     ranks, similarity = rank_database(database, queries), cosines(database, queries)  # ranks: (n_db, n_q)
     return [neighbour_row(query, ranks[:, column], similarity[:, column], k, strong.positives[query],
                           lambda top: ["positive" if index in strong.positives[query] else "negative" for index in top])

@@ -51,6 +51,23 @@ def top_matches(database_features: torch.Tensor, query_features: torch.Tensor, t
     return rank_database(database_features, query_features)[:top_k].T
 
 
+def copy_detection_descriptors(extractor: FeatureExtractor, copydays: Copydays, imsize: int, query_paths,
+                               query_split: str = "copydays-queries") -> tuple[torch.Tensor, torch.Tensor]:
+    """(database (n_db, D), queries (n_q, D)) descriptors of ``query_paths`` and the Copydays database,
+    PCA-whitened (fitted on the whitening set) when ``copydays`` has one. Cached under ``copydays-<split>``."""
+    transform = copy_detection_transform(imsize)
+
+    def features_of(paths, split):
+        return extractor(ImageList(paths, transform), COPY_DETECTION_SPEC, split)[0]
+
+    database = features_of(copydays.database_paths, "copydays-database")
+    queries = features_of(query_paths, query_split)
+    if copydays.whitening_paths:
+        whitening_map = fit_pca_whitening(features_of(copydays.whitening_paths, "copydays-whitening"))
+        database, queries = whitening_map.apply(database), whitening_map.apply(queries)
+    return database, queries
+
+
 def run_copy_detection(extractor: FeatureExtractor, data_root, imsize: int = 320, distractors=None, whitening=None,
                        top_k: int = TOP_K) -> dict:
     """Per-block mAP (percent) of ``extractor.model`` on the Copydays tree ``data_root``.
@@ -59,16 +76,7 @@ def run_copy_detection(extractor: FeatureExtractor, data_root, imsize: int = 320
     'database_size': originals + distractors, 'whitened': bool}.
     """
     copydays = Copydays(data_root, distractors_path=distractors, whitening_path=whitening)
-    transform = copy_detection_transform(imsize)
-
-    def features_of(paths, split):
-        return extractor(ImageList(paths, transform), COPY_DETECTION_SPEC, split)[0]
-
-    database = features_of(copydays.database_paths, "copydays-database")
-    queries = features_of(copydays.query_paths, "copydays-queries")
-    if copydays.whitening_paths:
-        whitening_map = fit_pca_whitening(features_of(copydays.whitening_paths, "copydays-whitening"))
-        database, queries = whitening_map.apply(database), whitening_map.apply(queries)
+    database, queries = copy_detection_descriptors(extractor, copydays, imsize, copydays.query_paths)
     retrieved = top_matches(database, queries, top_k)
     positives = [positive for block in copydays.query_blocks for positive in block.positives]
     blocks = [(block.name, len(block.paths)) for block in copydays.query_blocks]
