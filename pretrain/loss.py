@@ -22,7 +22,10 @@ student over the same pairs,
 
 (every teacher crop appears in the same number of pairs, so the cross
 entropy L splits exactly into the two). Uniform collapse: H -> ln K and
-KL -> 0; collapse to one dimension: H -> 0 and KL -> 0.
+KL -> 0; collapse to one dimension: H -> 0 and KL -> 0, and also the
+entropy of the batch-mean target H(mean_{i, b} q_i[b]) -> 0 (every image on
+the same dimension), which tells it apart from images that are merely
+sharply and differently assigned.
 
 tau_t(epoch) rises linearly from ``warmup_teacher_temp`` to ``teacher_temp``
 over ``warmup_teacher_temp_epochs`` epochs (per epoch, as in the official code),
@@ -64,8 +67,8 @@ class DINOLoss(nn.Module):
                 monitors: bool = False):
         """student_output ((ncrops * B, K)), teacher_output ((2 * B, K)) -> scalar loss.
 
-        With ``monitors``: (loss, {"teacher_entropy", "teacher_student_kl"}) as 0-d
-        tensors (no host sync). Updates ``center`` (after computing the loss,
+        With ``monitors``: (loss, {"teacher_entropy", "teacher_student_kl",
+        "teacher_batch_entropy"}) as 0-d tensors (no host sync). Updates ``center`` (after computing the loss,
         which uses the old one).
         """
         student_log_probs = F.log_softmax(student_output.float() / self.student_temp, dim=-1)
@@ -86,7 +89,10 @@ class DINOLoss(nn.Module):
             return loss
         with torch.no_grad():
             entropy = -torch.special.xlogy(teacher_probs, teacher_probs).sum(dim=-1).mean()  # 0 log 0 = 0
-            return loss, {"teacher_entropy": entropy, "teacher_student_kl": loss.detach() - entropy}
+            mean_target = teacher_probs.mean(dim=0)
+            batch_entropy = -torch.special.xlogy(mean_target, mean_target).sum()
+            return loss, {"teacher_entropy": entropy, "teacher_student_kl": loss.detach() - entropy,
+                          "teacher_batch_entropy": batch_entropy}
 
     @torch.no_grad()
     def update_center(self, teacher_output: torch.Tensor) -> None:

@@ -14,8 +14,8 @@ drop-path, and stays in train mode (matters only for BatchNorm nets).
 from __future__ import annotations
 
 import json
-import math
 import resource
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -36,6 +36,7 @@ from .config import TrainConfig, to_dict
 from .distributed import DistInfo, all_reduce_mean, barrier
 from .head import DINOHead, MultiCropWrapper
 from .loss import DINOLoss
+from .run_log import CollapseWatch, RunLog
 from .sampler import ShardedSampler
 from .schedules import cosine_schedule, scaled_lr
 
@@ -150,6 +151,10 @@ class Trainer:
         self.momentum_schedule = cosine_schedule(cfg.momentum_teacher, 1.0, cfg.epochs, ipe)
         self.start_epoch, self.start_step = 0, 0
         self.log_path = self.output_dir / "log.jsonl"
+        self.run_log = RunLog(self.log_path, dist_info.is_main)
+        self.collapse_watch = CollapseWatch(cfg.out_dim)
+        # first iteration whose loss was not finite (-1: none); checked at log steps and before every save
+        self.first_nonfinite = torch.full((), -1, dtype=torch.int64, device=self.device)
 
     # ---------------------------------------------------------------- state
     def checkpoint_state(self, epoch_done: int, step: int) -> dict:
@@ -162,6 +167,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "epoch": epoch_done,
             "step": step,
+            "global_batch": self.cfg.batch_size_per_gpu * self.dist.world_size,
             "args": args,
             "dino_loss": self.loss_fn.state_dict(),
             "rng": {"torch": torch.get_rng_state(),
@@ -172,6 +178,7 @@ class Trainer:
         return state
 
     def save(self, epoch_done: int, step: int) -> None:
+        self.check_finite()  # never replace a good checkpoint with a diverged state
         if not self.dist.is_main:
             return
         state = self.checkpoint_state(epoch_done, step)
@@ -197,6 +204,11 @@ class Trainer:
         if self.scaler is not None and "fp16_scaler" in state:
             self.scaler.load_state_dict(state["fp16_scaler"])
         self.start_epoch, self.start_step = int(state["epoch"]), int(state.get("step", 0))
+        global_batch = self.cfg.batch_size_per_gpu * self.dist.world_size
+        saved_batch = int(state.get("global_batch", global_batch))
+        if saved_batch != global_batch:  # other process count or batch: resume at the same sample of the epoch
+            self.start_step = min(self.start_step * saved_batch // global_batch, self.iters_per_epoch)
+            self.batch_changed = (saved_batch, global_batch)
         rng = state.get("rng")
         if rng is not None:
             torch.set_rng_state(rng["torch"])
@@ -205,14 +217,21 @@ class Trainer:
         return True
 
     def log(self, record: dict) -> None:
-        if self.dist.is_main:
-            with open(self.log_path, "a") as handle:
-                handle.write(json.dumps(record) + "\n")
+        self.run_log.write(record)
+
+    def check_finite(self) -> None:
+        """Stop (UserError) if a loss since the start was NaN or infinite; a host sync, so not every step."""
+        iteration = int(self.first_nonfinite.item())
+        if iteration >= 0:
+            raise UserError(f"loss is not finite (NaN or inf) at iteration {iteration}: training diverged; lower "
+                            f"--lr, use --precision fp32, or check the data (the last checkpoint in "
+                            f"'{self.output_dir}' was saved before it and is intact; run again to resume from it)")
 
     # ---------------------------------------------------------------- steps
     def train_step(self, crops: list[torch.Tensor], epoch: int, it: int, monitors: bool = False):
-        """One optimisation step; returns the loss, or with ``monitors`` (loss, collapse monitors)
-        (`DINOLoss` teacher entropy and teacher-student KL, as floats)."""
+        """One optimisation step, with no host synchronisation; returns the loss (0-d tensor), or with
+        ``monitors`` (loss, the `DINOLoss` collapse monitors as 0-d tensors). A non-finite loss is
+        recorded in ``first_nonfinite`` and raised by `check_finite` at the next log step or save."""
         cfg = self.cfg
         for index, group in enumerate(self.optimizer.param_groups):
             group["lr"] = float(self.lr_schedule[it])
@@ -226,9 +245,8 @@ class Trainer:
             loss = self.loss_fn(student_output, teacher_output, epoch, monitors=monitors)
             if monitors:
                 loss, collapse = loss
-        if not math.isfinite(loss.item()):
-            raise UserError(f"loss is {loss.item()} at epoch {epoch}, iteration {it}: training diverged; "
-                            f"lower --lr or use --precision fp32 (last checkpoint in '{self.output_dir}' is intact)")
+        first = self.first_nonfinite
+        self.first_nonfinite = torch.where((first < 0) & ~torch.isfinite(loss.detach()), it, first)
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -247,9 +265,7 @@ class Trainer:
         else:
             self.optimizer.step()
         ema_update(self.teacher, self.student, float(self.momentum_schedule[it]))
-        if monitors:
-            return loss.item(), {name: value.item() for name, value in collapse.items()}
-        return loss.item()
+        return (loss.detach(), collapse) if monitors else loss.detach()
 
     def make_loader(self) -> torch.utils.data.DataLoader:
         """One loader for the run; the sampler (in this process) is re-aimed each epoch."""
@@ -257,13 +273,16 @@ class Trainer:
         return torch.utils.data.DataLoader(self.dataset, batch_size=self.cfg.batch_size_per_gpu, sampler=self.sampler,
                                            num_workers=workers, pin_memory=self.device.type == "cuda",
                                            collate_fn=self.collate_fn,
+                                           # its own generator: worker seeds must not draw from the global RNG,
+                                           # or a resumed run's dropout/drop-path draws would shift
+                                           generator=torch.Generator().manual_seed(self.cfg.seed),
                                            drop_last=True, persistent_workers=workers > 0,
                                            prefetch_factor=4 if workers else None)
 
     def max_steps_reached(self) -> bool:
         return bool(self.cfg.max_steps) and self.steps_done >= self.cfg.max_steps
 
-    def train_epoch(self, loader, epoch: int, first_step: int, bar: tqdm) -> list[float]:
+    def train_epoch(self, loader, epoch: int, first_step: int, bar: tqdm) -> list[torch.Tensor]:
         """Steps ``first_step``.. of ``epoch`` (fewer if ``max_steps`` is reached)."""
         cfg = self.cfg
         self.sampler.set_epoch(epoch, first_step, cfg.batch_size_per_gpu)
@@ -277,22 +296,32 @@ class Trainer:
             self.iteration, self.steps_done = it + 1, self.steps_done + 1
             bar.update(1)
             if log_step:
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.lr_schedule[it]:.2e}")
-                self.log({"kind": "step", "epoch": epoch, "iteration": self.iteration, "loss": loss,
-                          "lr": float(self.lr_schedule[it]), "wd": float(self.wd_schedule[it]),
-                          "teacher_momentum": float(self.momentum_schedule[it]),
-                          "teacher_temp": self.loss_fn.teacher_temp(epoch), **collapse})
+                self.log_step(epoch, it, loss, collapse, bar)
             if self.max_steps_reached():
                 break
             if cfg.save_every_steps and self.iteration % cfg.save_every_steps == 0 and step + 1 < self.iters_per_epoch:
                 self.save(epoch, step + 1)
         return losses
 
-    def end_epoch(self, epoch: int, losses: list[float]) -> None:
+    def log_step(self, epoch: int, it: int, loss: torch.Tensor, collapse: dict, bar: tqdm) -> None:
+        """The step record (schedules, loss, collapse monitors); collapse warnings; the non-finite check."""
+        self.check_finite()
+        monitors = {name: value.item() for name, value in collapse.items()}
+        bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{self.lr_schedule[it]:.2e}")
+        self.log({"kind": "step", "epoch": epoch, "iteration": it + 1, "loss": loss.item(),
+                  "lr": float(self.lr_schedule[it]), "wd": float(self.wd_schedule[it]),
+                  "teacher_momentum": float(self.momentum_schedule[it]),
+                  "teacher_temp": self.loss_fn.teacher_temp(epoch), **monitors})
+        for warning in self.collapse_watch.update(monitors, it + 1):
+            self.log({"kind": "warning", "iteration": it + 1, "message": warning})
+            if self.dist.is_main:
+                tqdm.write(f"warning: {warning}", file=sys.stderr)
+
+    def end_epoch(self, epoch: int, losses: list[torch.Tensor]) -> None:
         """Epoch record (means, teacher temperature, kNN monitor of the teacher and of the student) and checkpoint."""
         cfg, it = self.cfg, self.iteration - 1
         record = {"kind": "epoch", "epoch": epoch,
-                  "train_loss": all_reduce_mean(sum(losses) / max(len(losses), 1), self.dist),
+                  "train_loss": all_reduce_mean(torch.stack(losses).mean().item() if losses else 0.0, self.dist),
                   "train_lr": float(self.lr_schedule[it]), "train_wd": float(self.wd_schedule[it]),
                   "teacher_temp": self.loss_fn.teacher_temp(epoch)}
         if self.monitor is not None and cfg.knn_every and ((epoch + 1) % cfg.knn_every == 0 or epoch + 1 == cfg.epochs):
@@ -306,12 +335,19 @@ class Trainer:
     def fit(self) -> dict:
         """Train from the last checkpoint (if any) to the end; returns a summary."""
         cfg = self.cfg
+        self.batch_changed = None
         resumed = self.maybe_resume()
+        self.iteration = self.start_epoch * self.iters_per_epoch + self.start_step
         if self.dist.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.output_dir / "config.json", json.dumps(to_dict(cfg), indent=2))
+            if resumed:
+                self.run_log.trim_for_resume(self.start_epoch, self.iteration)
+            if self.batch_changed:
+                tqdm.write(f"note: the checkpoint was written with a global batch of {self.batch_changed[0]}, this run "
+                           f"has {self.batch_changed[1]}: resuming at the same image of epoch {self.start_epoch} "
+                           f"(iteration {self.iteration}); the run is no longer bit-identical to an uninterrupted one", file=sys.stderr)
         barrier(self.dist)
-        self.iteration = self.start_epoch * self.iters_per_epoch + self.start_step
         self.steps_done = 0
         summary = {"resumed": resumed, "start_iteration": self.iteration}
         loader = self.make_loader()

@@ -107,6 +107,10 @@ def test_collapse_monitors_match_entropy_and_kl_formulas(ncrops):
     want_entropy, want_kl = reference_monitors(student, teacher, center, ncrops, 0.1, 0.07)
     assert monitors["teacher_entropy"].item() == pytest.approx(want_entropy, rel=1e-4)
     assert monitors["teacher_student_kl"].item() == pytest.approx(want_kl, rel=1e-4, abs=1e-5)
+    mean_target = np.concatenate([softmax((teacher[i * batch:(i + 1) * batch] - center) / 0.07)
+                                  for i in range(2)]).mean(axis=0)
+    assert monitors["teacher_batch_entropy"].item() == pytest.approx(-(mean_target * np.log(mean_target)).sum(),
+                                                                     rel=1e-4)
     # same loss (and same center update) as without monitors
     plain = DINOLoss(dim, ncrops, 0.04, 0.07, 3, 10)
     plain.center.copy_(torch.tensor(center))
@@ -129,3 +133,12 @@ def test_collapse_monitors_at_the_two_collapses():
     _, peaked = loss_fn(spike.repeat(4 * batch, 1), spike.repeat(2 * batch, 1), 0, monitors=True)
     assert peaked["teacher_entropy"].item() == pytest.approx(0.0, abs=1e-6)
     assert peaked["teacher_student_kl"].item() == pytest.approx(0.0, abs=1e-4)
+    assert peaked["teacher_batch_entropy"].item() == pytest.approx(0.0, abs=1e-6)  # every image on dimension 3
+    assert uniform["teacher_batch_entropy"].item() == pytest.approx(np.log(dim), rel=1e-6)
+    # sharp but different dimensions per image: per-image entropy ~0, batch entropy ln(2B) (not one dimension)
+    spread = torch.zeros(2 * batch, dim)
+    spread[torch.arange(2 * batch), torch.arange(2 * batch)] = 100.0
+    loss_fn = DINOLoss(dim, 2, 0.04, 0.04, 0, 10)
+    _, sharp = loss_fn(spread.clone(), spread, 0, monitors=True)
+    assert sharp["teacher_entropy"].item() == pytest.approx(0.0, abs=1e-6)
+    assert sharp["teacher_batch_entropy"].item() == pytest.approx(np.log(2 * batch), rel=1e-5)

@@ -1,11 +1,8 @@
 """The trainer end to end on a tiny config: learning, resume, DDP, bad input."""
 import json
 import math
-import os
 import re
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,30 +11,11 @@ import torch
 from data.errors import UserError, run_cli
 from pretrain import load_backbone
 from pretrain.checkpoint import safe_load, strip_prefixes
-from pretrain.config import resolve
 from pretrain.distributed import DistInfo
 from pretrain.train import main as train_main
 from pretrain.trainer import Trainer, build_student_teacher, param_groups
 
-REPO = Path(__file__).resolve().parents[1]
-
-TINY = dict(arch="vit", embed_dim=32, depth=2, num_heads=2, patch_size=8, img_size=32, drop_path_rate=0.0,
-            out_dim=64, hidden_dim=64, bottleneck_dim=32, global_crops_size=32, local_crops_size=16,
-            local_crops_number=2, batch_size_per_gpu=8, num_workers=0, lr=0.005, warmup_epochs=1,
-            epochs=2, momentum_teacher=0.99, saveckp_freq=1, log_every_steps=1)
-
-
-def tiny_cfg(data, out, **overrides):
-    return resolve("vanilla", data=str(data), output_dir=str(out), **{**TINY, **overrides})
-
-
-def cli_args(cfg_overrides: dict) -> list[str]:
-    args = []
-    for key, value in cfg_overrides.items():
-        flag = "--" + key.replace("_", "-")
-        args += [flag, *map(str, value)] if isinstance(value, tuple) else [flag, str(value)]
-    return args
-
+from tiny_runs import REPO, TINY, cli_args, subprocess_env, tiny_cfg, train_command
 
 def test_param_groups_follow_the_official_rule():
     student, _ = build_student_teacher(tiny_cfg("x", "y"))
@@ -110,21 +88,13 @@ def assert_same_training_state(run_a: Path, run_b: Path) -> None:
     assert torch.equal(a["dino_loss"]["center"], b["dino_loss"]["center"])
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_process_ddp_equals_single_process(tiny_suite, tmp_path):
     settings = dict(TINY, epochs=1, max_steps=4, warmup_epochs=0, saveckp_freq=0)
     single = tmp_path / "single"
     Trainer(tiny_cfg(tiny_suite / "train", single, **{**settings, "batch_size_per_gpu": 8}), DistInfo()).fit()
     ddp = tmp_path / "ddp"
-    args = cli_args({**settings, "batch_size_per_gpu": 4, "data": tiny_suite / "train", "output_dir": ddp})
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", "-m", "pretrain.train", "--preset", "vanilla", *args]
+    cmd = train_command({**settings, "batch_size_per_gpu": 4, "data": tiny_suite / "train", "output_dir": ddp}, 2)
+    env = subprocess_env()
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     a, b = safe_load(single / "checkpoint.pth"), safe_load(ddp / "checkpoint.pth")
@@ -142,7 +112,7 @@ def test_non_finite_loss_stops_with_checkpoint_intact(tiny_suite, tmp_path, monk
         loss = student_output.sum() * float("nan")
         return (loss, {"teacher_entropy": loss, "teacher_student_kl": loss}) if monitors else loss
     monkeypatch.setattr(trainer.loss_fn, "forward", nan_loss)
-    with pytest.raises(UserError, match="loss is nan .* training diverged"):
+    with pytest.raises(UserError, match="loss is not finite .* at iteration 15: training diverged"):
         trainer.fit()
     assert (out / "checkpoint.pth").read_bytes() == before
 
