@@ -2,6 +2,7 @@
 #   make demo     CPU demo: generate the suite, pretrain, all six evaluations random vs trained, the HTML report
 #   make test     the test suite
 #   make pretrain ARCH=vit_small PATCH=8 DATA=/data/imagenet/train [PRESET=paper] [GPUS=8] ...
+#   make pretrain-slurm NODES=2 GPUS=8 PARTITION=learnlab DATA=/data/imagenet/train [PRESET=paper] [EXTRA="--save-every-steps 500"] [SLURM_EXTRA="--executor local"]
 #   make knn      CKPT=runs/x/checkpoint.pth DATA=/data/imagenet
 #   make eval-all CKPT=runs/x/checkpoint.pth [ARCH=.. PATCH=..] [DATA_ROOT=data/suite] [OUT=results/<run>] [FORCE=1]
 #   make report   CKPT=runs/x/checkpoint.pth [DATA_ROOT=data/suite] [OUT=results/<run>] [IMAGES="a.jpg dir/"]
@@ -33,7 +34,7 @@ DATA_ROOT ?= data/suite
 FORCE ?=
 IMAGES ?=
 
-.PHONY: venv data demo test pretrain knn eval-all report bench clean
+.PHONY: venv data demo test pretrain pretrain-slurm knn eval-all report bench clean
 
 venv: $(STAMP)
 
@@ -66,6 +67,21 @@ else
 	$(PY) -m torch.distributed.run --nproc_per_node=$(GPUS) --nnodes=$(NNODES) --node_rank=$(NODE_RANK) \
 		--master_addr=$(MASTER_ADDR) --master_port=$(MASTER_PORT) -m pretrain.train $(PRETRAIN_ARGS)
 endif
+
+# pretraining on SLURM through submitit (pretrain/slurm.py): one task per GPU; a pre-empted or timed-out
+# job is requeued and resumes from $(OUT)/checkpoint.pth (add EXTRA="--save-every-steps N" to lose at most N steps)
+NODES ?= 1
+PARTITION ?=
+ACCOUNT ?=
+CONSTRAINT ?=
+TIMEOUT_MIN ?=
+SLURM_EXTRA ?=
+
+pretrain-slurm: $(STAMP)
+	@test -n "$(DATA)" || { echo "error: DATA is not set: make pretrain-slurm NODES=2 GPUS=8 PARTITION=<partition> DATA=<image folder>" >&2; exit 2; }
+	$(PY) -m pretrain.slurm --nodes $(NODES) --gpus-per-node $(GPUS) $(if $(PARTITION),--partition $(PARTITION)) \
+		$(if $(ACCOUNT),--account $(ACCOUNT)) $(if $(CONSTRAINT),--constraint $(CONSTRAINT)) \
+		$(if $(TIMEOUT_MIN),--timeout-min $(TIMEOUT_MIN)) $(SLURM_EXTRA) -- $(PRETRAIN_ARGS)
 
 knn: $(STAMP)
 	@test -n "$(CKPT)" -a -n "$(DATA)" || { echo "error: make knn needs CKPT=<checkpoint or random> and DATA=<folder with train/ and val/>" >&2; exit 2; }

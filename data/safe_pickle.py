@@ -24,7 +24,7 @@ What the allow-list covers, and why:
 numpy's own unpickling helpers are NOT handed to the pickle: a dtype's pickled
 state sets its internal flags, so a forged file can declare an object dtype
 "plain" and have raw bytes read as object pointers (a crash or worse). The
-numpy names therefore resolve to stand-ins here (`_DtypeRecipe`,
+numpy names therefore resolve to stand-ins here (`DtypeRecipe`,
 `_ArrayRecipe`) that only record what the file says; after loading, each is
 turned into a real array by ``numpy.frombuffer`` with a dtype checked to be a
 plain bool / int / uint / float / complex / bytes / str type of the file's byte
@@ -58,7 +58,7 @@ def _text(value):
     return value.decode("latin1") if isinstance(value, (bytes, bytearray)) else value
 
 
-class _DtypeRecipe:
+class DtypeRecipe:
     """Stands in for ``numpy.dtype(code, align, copy)`` + its ``__setstate__``: records code and byte order."""
 
     def __init__(self, code, align=False, copy=True):
@@ -85,7 +85,7 @@ def _array_from_bytes(raw, dtype, shape, order: str) -> np.ndarray:
     raw = raw.encode("latin1") if isinstance(raw, str) else raw
     if isinstance(raw, pickle.PickleBuffer):
         raw = raw.raw()
-    if not isinstance(raw, (bytes, bytearray, memoryview)) or not isinstance(dtype, _DtypeRecipe):
+    if not isinstance(raw, (bytes, bytearray, memoryview)) or not isinstance(dtype, DtypeRecipe):
         raise pickle.UnpicklingError("numpy array data is not a byte string with a plain dtype")
     if not isinstance(shape, tuple) or not all(isinstance(side, int) and side >= 0 for side in shape):
         raise pickle.UnpicklingError(f"bad numpy array shape {shape!r}")
@@ -94,7 +94,7 @@ def _array_from_bytes(raw, dtype, shape, order: str) -> np.ndarray:
 
 
 class _ArrayRecipe:
-    """Stands in for numpy's ``_reconstruct(ndarray, ...)`` + ``ndarray.__setstate__``; see `_materialize`."""
+    """Stands in for numpy's ``_reconstruct(ndarray, ...)`` + ``ndarray.__setstate__``; see `materialize`."""
 
     def __init__(self):
         self.state = None
@@ -164,7 +164,7 @@ ALLOWED_GLOBALS = {
     ("builtins", "bytearray"): _byte_string_maker(bytearray),
     ("_codecs", "encode"): _encode_latin1_only,
     ("numpy", "ndarray"): _NdarrayName,
-    ("numpy", "dtype"): _DtypeRecipe,
+    ("numpy", "dtype"): DtypeRecipe,
     **_under_numpy_1_and_2("multiarray", "_reconstruct", _reconstruct),
     **_under_numpy_1_and_2("multiarray", "scalar", _scalar),
     **_under_numpy_1_and_2("numeric", "_frombuffer", _frombuffer),
@@ -185,10 +185,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
         raise _Forbidden(f"persistent id {persistent_id!r}")
 
 
-_RECIPES = (_ArrayRecipe, _DtypeRecipe)
+_RECIPES = (_ArrayRecipe, DtypeRecipe)
 
 
-def _materialize(value, done: dict):
+def materialize(value, done: dict):
     """``value`` with every recipe replaced by its real numpy object (lists and dicts updated in place)."""
     if id(value) in done:
         return done[id(value)]
@@ -196,15 +196,15 @@ def _materialize(value, done: dict):
         done[id(value)] = value.to_numpy()
     elif isinstance(value, list):
         done[id(value)] = value
-        value[:] = [_materialize(item, done) for item in value]
+        value[:] = [materialize(item, done) for item in value]
     elif isinstance(value, dict):
         if any(isinstance(key, _RECIPES) for key in value):
             raise pickle.UnpicklingError("numpy object used as a dict key")
         done[id(value)] = value
         for key in list(value):
-            value[key] = _materialize(value[key], done)
+            value[key] = materialize(value[key], done)
     elif isinstance(value, tuple):
-        done[id(value)] = tuple(_materialize(item, done) for item in value)
+        done[id(value)] = tuple(materialize(item, done) for item in value)
     elif isinstance(value, (set, frozenset)) and any(isinstance(item, _RECIPES) for item in value):
         raise pickle.UnpicklingError("numpy object inside a set")
     else:
@@ -228,7 +228,7 @@ def safe_loads(data: bytes, source: str = "<bytes>"):
             loaded = _RestrictedUnpickler(io.BytesIO(data), encoding="ASCII").load()
         except UnicodeDecodeError:  # Python 2 8-bit strings (or numpy buffers): numpy's advice
             loaded = _RestrictedUnpickler(io.BytesIO(data), encoding="latin1").load()
-        return _materialize(loaded, {})
+        return materialize(loaded, {})
     except _Forbidden as forbidden:
         raise UserError(f"refusing to unpickle '{source}': it references '{forbidden}', which a "
                         f"ground-truth file never needs (only containers, numbers, strings and plain numpy "

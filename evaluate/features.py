@@ -47,7 +47,7 @@ from tqdm import tqdm
 from data.errors import UserError
 from data.imagefolder import load_rgb
 from pretrain.backbones import is_vit
-from pretrain.checkpoint import atomic_save, load_backbone_with_args, safe_load
+from pretrain.checkpoint import UnreadableCheckpoint, atomic_save, load_backbone_with_args, safe_load
 from pretrain.monitor import compute_features, extract_features
 
 from .descriptors import copy_detection_descriptor
@@ -244,8 +244,8 @@ def read_cache(path: Path, key: dict, num_samples: int) -> tuple[torch.Tensor, t
         return None
     try:
         entry = safe_load(path)
-    except UserError as error:
-        tqdm.write(f"feature cache '{path}' is unreadable ({error}); recomputing")
+    except UnreadableCheckpoint as error:
+        tqdm.write(f"feature cache '{path}' {error.reason}; recomputing")
         return None
     if not isinstance(entry, dict) or entry.get("key") != key or len(entry.get("features", ())) != num_samples:
         return None

@@ -4,17 +4,30 @@ Training checkpoints follow the official layout (PROTOCOLS A9) so either
 tool reads the other's files: ``student`` (keys ``module.backbone.*`` /
 ``module.head.*``), ``teacher`` (``backbone.*`` / ``head.*``), ``optimizer``,
 ``epoch`` (epochs completed), ``args``, ``dino_loss`` (the center) and
-``fp16_scaler``; we add what exact resume needs (``step``, ``rng``).
+``fp16_scaler``; we add what exact resume needs (``step``, ``rng``). The
+rotation of training checkpoints and the fall-back on a corrupt one live in
+`pretrain.checkpoint_files`.
 
 Every file is read with ``torch.load(weights_only=True)`` and a short
-allow-list, so a user's pickle can never run code.
+allow-list (`SAFE_GLOBALS`), so a user's pickle can never run code: besides
+tensors and containers it may hold an ``argparse.Namespace`` (the official
+``args``) and numpy scalars (official optimizer states hold numpy float64
+learning rates). numpy's own reconstructors are not on that list: a forged
+file can make ``numpy.dtype.__setstate__`` declare an object dtype and
+``multiarray.scalar`` read its bytes as pointers. The names resolve instead to
+stand-ins (`_NumberDtype`, `_number_scalar`) that accept a plain bool / int /
+uint / float / complex dtype and exactly its item size in bytes, and build the
+scalar with ``numpy.frombuffer``; anything else ends the load with a one-line
+`UnreadableCheckpoint` before anything it names is called.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import pickle
+import re
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -23,20 +36,63 @@ import torch.nn as nn
 
 from data.atomic import atomic_write, atomic_write_text  # noqa: F401 (re-exported)
 from data.errors import UserError
+# the gnd reader's numpy stand-ins: they never hand numpy the file's dtype state
+from data.safe_pickle import DtypeRecipe, materialize
 
 from .backbones import CONVNETS, CUSTOM_VIT, VIT_PATCHES, VIT_SPECS, build_backbone
 
-def _numpy_scalar_globals() -> list:
-    """numpy scalars (official optimizer states hold numpy float64 learning rates)."""
-    multiarray = getattr(np, "_core", None) or np.core
-    return [multiarray.multiarray.scalar, np.dtype] + [
-        getattr(np.dtypes, name) for name in ("Float64DType", "Float32DType", "Int64DType", "Int32DType")
-        if hasattr(np, "dtypes") and hasattr(np.dtypes, name)]
+NUMBER_KINDS = "biufc"  # bool, int, uint, float, complex: no object, void (structured), bytes, str, datetime
+
+
+@contextmanager
+def _refusing(what: str):
+    """Turn any failure inside a stand-in into the UnpicklingError that `safe_load` reports."""
+    try:
+        yield
+    except pickle.UnpicklingError:
+        raise
+    except Exception as error:  # the file's values reached numpy or data.safe_pickle and were refused
+        raise pickle.UnpicklingError(f"refused {what} ({' '.join(str(error).split())[:80]})") from None
+
+
+class _NumberDtype(DtypeRecipe):
+    """What ``numpy.dtype`` resolves to: a recipe for a plain number dtype, checked again at every use."""
+
+    def __init__(self, code, align=False, copy=True):
+        with _refusing("dtype"):
+            super().__init__(code, align, copy)
+        self.to_numpy()
+
+    def __setstate__(self, state):
+        with _refusing("dtype state"):
+            super().__setstate__(state)
+            flags = state[7]
+        if type(flags) is not int or flags != self.to_numpy().flags:  # numpy writes its own; others claim objects
+            raise pickle.UnpicklingError(f"refused numpy dtype {self.code} with flags {flags!r}")
+
+    def to_numpy(self) -> np.dtype:
+        with _refusing("dtype"):  # a forged object can reach here without __init__ (NEWOBJ)
+            dtype = super().to_numpy()
+        if dtype.kind not in NUMBER_KINDS or dtype.fields is not None or dtype.subdtype is not None:
+            raise pickle.UnpicklingError(f"refused numpy dtype {dtype.str}: not a plain number type")
+        return dtype
+
+
+def _number_scalar(dtype, raw):
+    """What ``numpy.core.multiarray.scalar`` resolves to: one number from exactly its item size in bytes."""
+    if not isinstance(dtype, _NumberDtype):
+        raise pickle.UnpicklingError(f"refused numpy scalar of a {type(dtype).__name__}, not a plain dtype")
+    dtype = dtype.to_numpy()
+    if not isinstance(raw, (bytes, bytearray)) or len(raw) != dtype.itemsize:
+        given = f"{len(raw)} bytes" if isinstance(raw, (bytes, bytearray)) else f"a {type(raw).__name__}"
+        raise pickle.UnpicklingError(f"refused numpy {dtype} scalar from {given} (needs {dtype.itemsize} bytes)")
+    return np.frombuffer(bytes(raw), dtype=dtype)[0]
 
 
 # Objects official DINO checkpoints hold besides tensors and containers: an
-# argparse Namespace (``args``) and numpy scalars. Nothing here runs code.
-SAFE_GLOBALS = [argparse.Namespace] + _numpy_scalar_globals()
+# argparse Namespace (``args``) and numpy scalars (through the stand-ins).
+SAFE_GLOBALS = [argparse.Namespace, (_NumberDtype, "numpy.dtype"),
+                (_number_scalar, "numpy.core.multiarray.scalar"), (_number_scalar, "numpy._core.multiarray.scalar")]
 # Keys that are not part of a backbone: DINO projection head, timm/torchvision classifier.
 NON_BACKBONE_PREFIXES = ("head.", "fc.", "head_drop.", "fc_norm.")
 WRAPPER_PREFIXES = ("module.", "backbone.", "_orig_mod.")
@@ -48,24 +104,48 @@ def atomic_save(obj, path: str | os.PathLike) -> None:
     atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
+class UnreadableCheckpoint(UserError):
+    """A checkpoint that does not load: ``reason`` says why (missing, truncated, not weights), one line."""
+
+    def __init__(self, path: Path, reason: str, fix: str):
+        super().__init__(f"checkpoint '{path}' {reason}: {fix}")
+        self.path, self.reason = path, reason
+
+
 def safe_load(path: str | os.PathLike):
     """Load a checkpoint without executing pickled code (tensors, containers,
-    numbers, strings and ``argparse.Namespace`` only)."""
+    numbers, strings, ``argparse.Namespace`` and plain numpy scalars only).
+
+    Raises `UnreadableCheckpoint` (a `UserError`) for a missing, damaged or refused file.
+    """
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"checkpoint '{path}' does not exist: pass the path of a .pth file")
+        raise UnreadableCheckpoint(path, "does not exist", "pass the path of a .pth file")
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+        return materialize(loaded, {})  # a dtype stored for itself (not in a scalar) becomes a real one
     except pickle.UnpicklingError as error:
-        lines = [line.strip() for line in str(error).splitlines() if "Unsupported global" in line]
-        first = lines[0].split(" was not")[0] if lines else "unsafe object"
-        raise UserError(f"checkpoint '{path}' holds objects that are not weights and was not loaded "
-                        f"({first[:160]}): re-save it as a plain state dict") from None
+        refused = _refusal(str(error))
+        if refused is None:  # an opcode the weights-only unpickler does not know: bytes that are no checkpoint
+            raise UnreadableCheckpoint(path, "is truncated or not a PyTorch file (unreadable pickle)",
+                                       "re-download or re-save it") from None
+        raise UnreadableCheckpoint(path, f"holds objects that are not weights and was not loaded ({refused[:160]})",
+                                   "re-save it as a plain state dict") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, IndexError, KeyError) as error:
         # a few bytes of text reach the legacy unpickler, which fails with IndexError / KeyError
-        raise UserError(f"checkpoint '{path}' is truncated or not a PyTorch file ({type(error).__name__}): "
-                        "re-download or re-save it") from None
+        raise UnreadableCheckpoint(path, f"is truncated or not a PyTorch file ({type(error).__name__})",
+                                   "re-download or re-save it") from None
+
+
+def _refusal(message: str) -> str | None:
+    """What torch's multi-line weights-only error says was refused: the global the file names, the call
+    or object it asked for, or a stand-in's ``refused ...``; None for a damaged pickle."""
+    named = re.search(r"GLOBAL (\S+) (?:was not an allowed global|whose module)", message)
+    if named:
+        return f"it names {named.group(1)}"
+    refused = re.search(r"(refused .*|Trying to call reduce.*|Can only (?:create|build|append).*)", message)
+    return refused.group(1).strip() if refused else None
 
 
 def strip_prefixes(state_dict: dict, prefixes: tuple[str, ...] = WRAPPER_PREFIXES) -> dict:

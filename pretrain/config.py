@@ -69,10 +69,14 @@ class TrainConfig:
     # bookkeeping
     saveckp_freq: int = 20
     save_every_steps: int = 0  # also checkpoint every N steps (0: only at epoch ends)
+    keep_checkpoints: int = 2  # newest step/epoch checkpoints kept (checkpoint-itNNNNNNNN.pth); a corrupt newest falls back
     log_every_steps: int = 10
     knn_every: int = 0  # epochs between kNN monitor runs (0: off)
     knn_data: str = ""  # ImageFolder root with train/ and val/ for the monitor
     max_steps: int = 0  # stop after this many steps in total (0: run all epochs); for tests
+    # bad data: undecodable images are skipped (logged in bad_images.tsv); more than this fraction stops the run
+    max_bad_fraction: float = 0.01
+    max_image_pixels: int = 89_478_485  # larger images count as bad (PIL's own limit)
     preset: str = "vanilla"
 
 

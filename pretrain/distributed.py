@@ -65,3 +65,12 @@ def all_reduce_mean(value: float, info: DistInfo) -> float:
     tensor = torch.tensor([value], dtype=torch.float64, device=info.device)
     dist.all_reduce(tensor)
     return tensor.item() / info.world_size
+
+
+def all_reduce_max(value: float, info: DistInfo) -> float:
+    """The largest ``value`` over the processes (the same answer on every rank)."""
+    if not info.enabled:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=info.device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.item()

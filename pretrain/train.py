@@ -27,13 +27,21 @@ def knn_monitor_for(cfg, device):
     return make_knn_monitor(ImageFolder(train_dir, transform), ImageFolder(val_dir, transform), device)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="DINO self-supervised pretraining")
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--preset`` and one flag per config field (the launchers check their arguments with the same ones)."""
     parser.add_argument("--preset", default="vanilla", choices=sorted(config_module.PRESETS))
     config_module.add_arguments(parser)
-    args = parser.parse_args(argv)
-    overrides = {k: v for k, v in vars(args).items() if k != "preset"}
-    cfg = config_module.resolve(args.preset, **overrides)
+
+
+def config_from_args(args: argparse.Namespace) -> config_module.TrainConfig:
+    """The preset resolved with the flags that were given."""
+    return config_module.resolve(args.preset, **{k: v for k, v in vars(args).items() if k != "preset"})
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="DINO self-supervised pretraining")
+    add_train_arguments(parser)
+    cfg = config_from_args(parser.parse_args(argv))
     if not cfg.data:
         raise UserError("no training data given: pass --data <image folder> (or DATA=... to make)")
     if cfg.num_workers > (os.cpu_count() or 1):

@@ -26,14 +26,15 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from data.errors import UserError
-from data.imagefolder import ImageFolder
+from data.imagefolder import ImageFolder, check_bad_fraction
 
 from .augment import MultiCropAugmentation
 from .backbones import build_backbone, describe
 from .batch_augment import crop_pipeline
-from .checkpoint import atomic_save, atomic_write_text, safe_load, strip_prefixes
+from .checkpoint import atomic_save, atomic_write_text, strip_prefixes
+from .checkpoint_files import load_training_checkpoint, save_training_checkpoint
 from .config import TrainConfig, to_dict
-from .distributed import DistInfo, all_reduce_mean, barrier
+from .distributed import DistInfo, all_reduce_max, all_reduce_mean, barrier
 from .head import DINOHead, MultiCropWrapper
 from .loss import DINOLoss
 from .run_log import CollapseWatch, RunLog
@@ -107,7 +108,11 @@ class Trainer:
         self.output_dir = Path(cfg.output_dir)
         torch.manual_seed(cfg.seed)
 
-        base = ImageFolder(cfg.data, allow_flat=True)
+        base = ImageFolder(cfg.data, allow_flat=True, skip_bad=True, bad_log=self.output_dir / "bad_images.tsv",
+                           max_pixels=cfg.max_image_pixels)
+        self.images, self.listed_images = base, len(base.samples) + len(base.skipped)
+        self.reported_bad: set[str] = set()
+        check_bad_fraction(len(base.skipped), self.listed_images, cfg.max_bad_fraction, [p for p, _ in base.skipped])
         self.augmentation = MultiCropAugmentation.from_config(cfg)
         self.dataset, self.collate_fn, self.crops_on = crop_pipeline(cfg.augment_on, base, self.augmentation, cfg.seed)
         self.sampler = ShardedSampler(len(self.dataset), dist_info.world_size, dist_info.rank, seed=cfg.seed)
@@ -144,6 +149,9 @@ class Trainer:
         self.amp_dtype = autocast_dtype(cfg, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
 
+        if cfg.warmup_epochs > cfg.epochs:
+            raise UserError(f"--warmup-epochs {cfg.warmup_epochs} is longer than the run (--epochs {cfg.epochs}): "
+                            "lower --warmup-epochs")
         global_batch = cfg.batch_size_per_gpu * dist_info.world_size
         ipe = self.iters_per_epoch
         self.lr_schedule = cosine_schedule(scaled_lr(cfg.lr, global_batch), cfg.min_lr, cfg.epochs, ipe, cfg.warmup_epochs)
@@ -182,16 +190,22 @@ class Trainer:
         if not self.dist.is_main:
             return
         state = self.checkpoint_state(epoch_done, step)
-        atomic_save(state, self.output_dir / "checkpoint.pth")
+        save_training_checkpoint(state, self.output_dir, epoch_done * self.iters_per_epoch + step,
+                                 keep=self.cfg.keep_checkpoints)
         freq = self.cfg.saveckp_freq
         if step == 0 and freq and (epoch_done - 1) % freq == 0:
             atomic_save(state, self.output_dir / f"checkpoint{epoch_done - 1:04d}.pth")
 
     def maybe_resume(self) -> bool:
-        path = self.output_dir / "checkpoint.pth"
-        if not path.exists():
+        """Load the newest loadable checkpoint of the run folder (a corrupt newest one: the previous, with a
+        warning); False when there is none."""
+        state, path, warnings = load_training_checkpoint(self.output_dir)
+        for warning in warnings:
+            if self.dist.is_main:
+                tqdm.write(f"warning: {warning}", file=sys.stderr)
+        if state is None:
             return False
-        state = safe_load(path)
+        self.resume_warnings = warnings
         try:
             self.student.load_state_dict(strip_prefixes(state["student"], ("module.",)))
             self.teacher.load_state_dict(strip_prefixes(state["teacher"], ("module.",)))
@@ -306,16 +320,28 @@ class Trainer:
     def log_step(self, epoch: int, it: int, loss: torch.Tensor, collapse: dict, bar: tqdm) -> None:
         """The step record (schedules, loss, collapse monitors); collapse warnings; the non-finite check."""
         self.check_finite()
+        bad_images = self.check_bad_images()
         monitors = {name: value.item() for name, value in collapse.items()}
         bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{self.lr_schedule[it]:.2e}")
         self.log({"kind": "step", "epoch": epoch, "iteration": it + 1, "loss": loss.item(),
                   "lr": float(self.lr_schedule[it]), "wd": float(self.wd_schedule[it]),
                   "teacher_momentum": float(self.momentum_schedule[it]),
-                  "teacher_temp": self.loss_fn.teacher_temp(epoch), **monitors})
+                  "teacher_temp": self.loss_fn.teacher_temp(epoch), "bad_images": bad_images, **monitors})
         for warning in self.collapse_watch.update(monitors, it + 1):
             self.log({"kind": "warning", "iteration": it + 1, "message": warning})
             if self.dist.is_main:
                 tqdm.write(f"warning: {warning}", file=sys.stderr)
+
+    def check_bad_images(self) -> int:
+        """Log the images found undecodable since the last call (any process, any worker); stop when more
+        than ``max_bad_fraction`` of the listed images are bad (decided alike on every rank). Returns the count."""
+        bad = self.images.bad_files()
+        for path in sorted(set(bad) - self.reported_bad):
+            self.log({"kind": "bad_image", "path": path, "reason": bad[path]})
+        self.reported_bad |= set(bad)
+        worst = int(all_reduce_max(len(bad), self.dist))
+        check_bad_fraction(worst, self.listed_images, self.cfg.max_bad_fraction, sorted(bad))
+        return len(bad)
 
     def end_epoch(self, epoch: int, losses: list[torch.Tensor]) -> None:
         """Epoch record (means, teacher temperature, kNN monitor of the teacher and of the student) and checkpoint."""
@@ -343,6 +369,8 @@ class Trainer:
             atomic_write_text(self.output_dir / "config.json", json.dumps(to_dict(cfg), indent=2))
             if resumed:
                 self.run_log.trim_for_resume(self.start_epoch, self.iteration)
+                for warning in self.resume_warnings:
+                    self.log({"kind": "warning", "iteration": self.iteration, "message": warning})
             if self.batch_changed:
                 tqdm.write(f"note: the checkpoint was written with a global batch of {self.batch_changed[0]}, this run "
                            f"has {self.batch_changed[1]}: resuming at the same image of epoch {self.start_epoch} "

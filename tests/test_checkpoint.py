@@ -1,5 +1,13 @@
-"""Loading every kind of checkpoint a user holds, exactly, and safely."""
+"""Loading every kind of checkpoint a user holds, exactly, and safely; training checkpoints kept
+(newest k), resumed from the newest that loads, and never lost to a full disk."""
+import errno
+import io
+import json
+import os
 import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import timm
@@ -8,8 +16,11 @@ import torch
 from data.errors import UserError
 from pretrain import build_backbone, load_backbone
 from pretrain.checkpoint import atomic_save, safe_load
+from pretrain.checkpoint_files import load_training_checkpoint, save_training_checkpoint
 
 from reference_vit import cls_feature
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def official_vit_state(patch=16, dim=64, depth=2, seed=0):
@@ -185,3 +196,217 @@ def test_atomic_write_text_replaces_whole_file(tmp_path):
     atomic_write_text(path, '{"a": 2}')
     assert path.read_text() == '{"a": 2}'
     assert [p.name for p in path.parent.iterdir()] == ["results.json"]
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_numpy_scalars_and_namespace_keep_their_values(tmp_path, zip_format):
+    # official checkpoints hold numpy scalars (schedule values in the optimizer, args); they go through stand-ins
+    import argparse
+    import numpy as np
+    values = {"lr": np.float64(5e-4), "wd": np.float32(0.04), "half": np.float16(1.5), "step": np.int64(-7),
+              "small": np.uint8(200), "flag": np.bool_(True), "phase": np.complex128(1 - 2j),
+              "big_endian": np.dtype(">f8").type(3.25), "dtype": np.dtype("<i4")}
+    checkpoint = {"optimizer": {"param_groups": [{"lr": values["lr"], "weight_decay": values["wd"]}]},
+                  "args": argparse.Namespace(arch="vit_small", lr=values["lr"], epochs=np.int64(100)),
+                  "values": values, "epoch": 3}
+    path = tmp_path / "official.pth"
+    torch.save(checkpoint, path, _use_new_zipfile_serialization=zip_format)
+    loaded = safe_load(path)
+    for name, value in values.items():
+        assert type(loaded["values"][name]) is type(value) and loaded["values"][name] == value, name
+    assert loaded["optimizer"]["param_groups"][0]["lr"] == np.float64(5e-4)
+    assert isinstance(loaded["args"], argparse.Namespace)
+    assert vars(loaded["args"]) == {"arch": "vit_small", "lr": np.float64(5e-4), "epochs": 100}
+    assert type(loaded["args"].epochs) is np.int64
+
+
+# ---------------------------------------------------------------- training checkpoints: rotation, fall-back, full disk
+
+def tiny_state(iteration: int) -> dict:
+    """A small training-style state whose every value depends on ``iteration``."""
+    return {"teacher": {"w": torch.full((3, 4), float(iteration))}, "epoch": iteration // 10, "step": iteration}
+
+
+def assert_state_is(state: dict, iteration: int) -> None:
+    assert state["step"] == iteration and torch.equal(state["teacher"]["w"], tiny_state(iteration)["teacher"]["w"])
+
+
+def listing(folder) -> list[str]:
+    return sorted(path.name for path in folder.iterdir())
+
+
+@pytest.mark.parametrize("keep", [1, 2, 3])
+def test_rotation_keeps_the_newest_k_and_checkpoint_pth_is_the_newest(tmp_path, keep):
+    atomic_save(tiny_state(0), tmp_path / "checkpoint0000.pth")  # an epoch snapshot of the trainer
+    for iteration in (10, 20, 30, 40):
+        path = save_training_checkpoint(tiny_state(iteration), tmp_path, iteration, keep=keep)
+        assert path == tmp_path / f"checkpoint-it{iteration:08d}.pth"
+    kept = [f"checkpoint-it{iteration:08d}.pth" for iteration in (40, 30, 20)[:keep]]
+    assert listing(tmp_path) == sorted(["checkpoint.pth", "checkpoint0000.pth", *kept])
+    assert os.path.samefile(tmp_path / "checkpoint.pth", tmp_path / kept[0])  # a hard link, not a second copy
+    assert_state_is(safe_load(tmp_path / "checkpoint.pth"), 40)
+    assert_state_is(safe_load(tmp_path / "checkpoint0000.pth"), 0)
+    state, path, warnings = load_training_checkpoint(tmp_path)
+    assert_state_is(state, 40)
+    assert path == tmp_path / kept[0] and warnings == []
+    with pytest.raises(ValueError):
+        save_training_checkpoint(tiny_state(50), tmp_path, 50, keep=0)
+
+
+def test_without_hard_links_checkpoint_pth_is_an_atomic_copy(tmp_path, monkeypatch):
+    def no_links(source, target):
+        raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+
+    monkeypatch.setattr(os, "link", no_links)
+    for iteration in (1, 2):
+        save_training_checkpoint(tiny_state(iteration), tmp_path, iteration)
+    assert listing(tmp_path) == ["checkpoint-it00000001.pth", "checkpoint-it00000002.pth", "checkpoint.pth"]
+    assert not os.path.samefile(tmp_path / "checkpoint.pth", tmp_path / "checkpoint-it00000002.pth")
+    assert (tmp_path / "checkpoint.pth").read_bytes() == (tmp_path / "checkpoint-it00000002.pth").read_bytes()
+    # the newest rotating file is corrupt: its copy under the official name is tried before the older one
+    (tmp_path / "checkpoint-it00000002.pth").write_bytes(b"garbage")
+    state, path, warnings = load_training_checkpoint(tmp_path)
+    assert_state_is(state, 2)
+    assert path == tmp_path / "checkpoint.pth" and len(warnings) == 1
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, damage):
+    for iteration in (100, 200):
+        save_training_checkpoint(tiny_state(iteration), tmp_path, iteration)
+    newest = tmp_path / "checkpoint-it00000200.pth"  # also checkpoint.pth: the same file
+    if damage == "truncate":
+        with open(newest, "r+b") as handle:
+            handle.truncate(newest.stat().st_size // 2)
+    else:
+        newest.write_bytes(b"\x00garbage" * 100)
+    state, path, warnings = load_training_checkpoint(tmp_path)
+    assert_state_is(state, 100)
+    assert path == tmp_path / "checkpoint-it00000100.pth"
+    assert len(warnings) == 1 and str(newest) in warnings[0] and "truncated or not a PyTorch file" in warnings[0]
+    # training goes on from iteration 100: the next save removes the abandoned (corrupt) newer file
+    save_training_checkpoint(tiny_state(150), tmp_path, 150)
+    assert listing(tmp_path) == ["checkpoint-it00000100.pth", "checkpoint-it00000150.pth", "checkpoint.pth"]
+    assert load_training_checkpoint(tmp_path)[1:] == (tmp_path / "checkpoint-it00000150.pth", [])
+
+
+def test_resume_prefers_the_newest_rotating_file_over_a_stale_checkpoint_pth(tmp_path):
+    save_training_checkpoint(tiny_state(1), tmp_path, 1)
+    atomic_save(tiny_state(2), tmp_path / "checkpoint-it00000002.pth")  # killed before checkpoint.pth moved on
+    state, path, _ = load_training_checkpoint(tmp_path)
+    assert_state_is(state, 2)
+    assert path == tmp_path / "checkpoint-it00000002.pth"
+    assert_state_is(safe_load(tmp_path / "checkpoint.pth"), 1)
+
+
+def test_no_checkpoint_and_none_loadable(tmp_path):
+    assert load_training_checkpoint(tmp_path) == (None, None, [])
+    assert load_training_checkpoint(tmp_path / "absent") == (None, None, [])
+    (tmp_path / "checkpoint.pth").write_bytes(b"not a checkpoint")
+    (tmp_path / "checkpoint-it00000005.pth").write_bytes(b"")
+    torch.save(torch.zeros(2), tmp_path / "checkpoint-it00000003.pth")
+    with pytest.raises(UserError) as error:
+        load_training_checkpoint(tmp_path)
+    message = str(error.value)
+    assert "\n" not in message and f"no checkpoint in '{tmp_path}' loads" in message
+    for name in ("checkpoint.pth", "checkpoint-it00000005.pth", "checkpoint-it00000003.pth holds a Tensor"):
+        assert name in message
+
+
+class DiskFullAfter:
+    """A file handle that writes ``budget`` bytes, then fails like a full disk (ENOSPC) mid-write."""
+
+    def __init__(self, handle, budget: int):
+        self.handle, self.budget = handle, budget
+
+    def write(self, data) -> int:
+        data = bytes(data)
+        if len(data) > self.budget:
+            self.handle.write(data[:self.budget])
+            self.budget = 0
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.budget -= len(data)
+        return self.handle.write(data)
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
+@pytest.mark.parametrize("failure", ["enospc-header", "enospc-midway", "edquot-fsync", "eio-link"])
+def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch, failure):
+    save_training_checkpoint(tiny_state(1), tmp_path, 1)
+    before = {name: (tmp_path / name).read_bytes() for name in listing(tmp_path)}
+    real_save = torch.save
+    if failure.startswith("enospc"):
+        # in the zip header torch.save lets the OSError through; midway it raises a RuntimeError caused by it
+        budget = 10 if failure == "enospc-header" else 100
+        if failure == "enospc-midway":  # the case this covers: torch.save hides the OSError behind a RuntimeError
+            with pytest.raises(RuntimeError):
+                real_save(tiny_state(2), DiskFullAfter(io.BytesIO(), budget))
+        monkeypatch.setattr(torch, "save", lambda obj, handle: real_save(obj, DiskFullAfter(handle, budget)))
+    elif failure == "edquot-fsync":
+        def quota_exceeded(descriptor):
+            raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+        monkeypatch.setattr(os, "fsync", quota_exceeded)
+    else:
+        def io_error(source, target):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        monkeypatch.setattr(os, "link", io_error)
+    with pytest.raises(UserError) as error:
+        save_training_checkpoint(tiny_state(2), tmp_path, 2)
+    monkeypatch.undo()
+    message = str(error.value)
+    reason = {"enospc": "No space left on device", "edquot": "Disk quota exceeded", "eio": "Input/output error"}
+    assert "\n" not in message and reason[failure.split("-")[0]] in message
+    assert "checkpoint-it00000002.pth" in message and "failed" in message
+    assert f"the previous checkpoint '{tmp_path / 'checkpoint.pth'}' is intact" in message
+    assert "free space or check the disk" in message and "run the same command again" in message
+    assert {name: (tmp_path / name).read_bytes() for name in listing(tmp_path)} == before  # no temp file either
+    state, path, warnings = load_training_checkpoint(tmp_path)
+    assert_state_is(state, 1)
+    assert warnings == []
+
+
+def test_failed_first_write_says_no_earlier_checkpoint(tmp_path, monkeypatch):
+    real_save = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, handle: real_save(obj, DiskFullAfter(handle, 100)))
+    with pytest.raises(UserError, match="no earlier checkpoint exists"):
+        save_training_checkpoint(tiny_state(1), tmp_path, 1)
+    assert listing(tmp_path) == []
+
+
+FULL_DISK_SCRIPT = """
+import json, os, sys, torch
+from data.errors import UserError
+from pretrain.checkpoint_files import load_training_checkpoint, save_training_checkpoint
+folder = sys.argv[1]
+save_training_checkpoint({"w": torch.arange(16.0), "step": 1}, folder, 1)
+try:
+    save_training_checkpoint({"w": torch.ones(1 << 19), "step": 2}, folder, 2)  # 2 MiB on a 1 MiB disk
+    message = None
+except UserError as error:
+    message = str(error)
+state, path, warnings = load_training_checkpoint(folder)
+print(json.dumps({"message": message, "files": sorted(os.listdir(folder)), "step": state["step"],
+                  "w": state["w"].tolist(), "path": os.path.basename(path), "warnings": warnings}))
+"""
+
+
+def test_real_full_tmpfs_keeps_the_previous_checkpoint(tmp_path):
+    # a 1 MiB tmpfs mounted in a private mount namespace (gone when the child exits); skipped where not permitted
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    namespace = ["unshare", "--mount"] if os.geteuid() == 0 else ["unshare", "--user", "--map-root-user", "--mount"]
+    command = [*namespace, "sh", "-c", 'mount -t tmpfs -o size=1m tmpfs "$1" || exit 97; shift; exec "$@"', "sh",
+               str(disk), sys.executable, "-c", FULL_DISK_SCRIPT, str(disk)]
+    try:
+        done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    except FileNotFoundError:
+        pytest.skip("no unshare command")
+    if done.returncode == 97 or (done.returncode != 0 and "unshare" in done.stderr):
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()[-200:]}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert "No space left on device" in result["message"] and "checkpoint.pth' is intact" in result["message"]
+    assert result["files"] == ["checkpoint-it00000001.pth", "checkpoint.pth"]
+    assert (result["step"], result["w"], result["warnings"]) == (1, list(map(float, range(16))), [])

@@ -1,6 +1,7 @@
 """Tests for data/: one-line user errors, the ImageFolder reader, the embedded suite generator."""
 
 import json
+import multiprocessing
 import os
 from pathlib import Path
 
@@ -10,7 +11,9 @@ from PIL import Image
 
 from data import suite
 from data.errors import UserError, one_line_message, run_cli
-from data.imagefolder import IMAGE_EXTENSIONS, ImageFolder, load_rgb, split_root
+from data import imagefolder
+from data.imagefolder import (IMAGE_EXTENSIONS, BadImageError, ImageFolder, check_bad_fraction, load_rgb,
+                              read_bad_log, split_root)
 
 from conftest import cifar10_sample
 
@@ -206,6 +209,208 @@ def test_reads_real_cifar10_sample():
     assert train.targets == sorted(train.targets)
     image, label = val[len(val) - 1]
     assert (image.mode, image.size, label) == ("RGB", (32, 32), expected_classes.index("truck"))
+
+
+# ---------------------------------------------------------------- image modes
+
+def _palette_image(pixels) -> Image.Image:
+    image = Image.fromarray(np.array(pixels, dtype=np.uint8), "P")
+    image.putpalette([0, 0, 0, 10, 200, 30])
+    return image
+
+
+def _two_halves(mode, left, right) -> Image.Image:
+    """16 x 8: two 8 x 8 JPEG blocks of one colour each, so a lossy format keeps them nearly exact."""
+    image = Image.new(mode, (16, 8), left)
+    image.paste(right, (8, 0, 16, 8))
+    return image
+
+
+WHITE, GREY_128 = (255, 255, 255), (128, 128, 128)
+# name -> (image, file name, save options, expected first-row pixels, tolerance)
+MODE_CASES = {
+    "1-bit": (Image.fromarray(np.array([[False, True]])), "a.png", {}, [(0, 0, 0), WHITE], 0),
+    "grayscale": (Image.fromarray(np.array([[0, 77, 255]], np.uint8)), "a.png", {}, [(0,) * 3, (77,) * 3, WHITE], 0),
+    "grayscale + transparent value": (Image.fromarray(np.array([[50, 60]], np.uint8)), "a.png",
+                                      {"transparency": 50}, [WHITE, (60,) * 3], 0),
+    "palette": (_palette_image([[0, 1]]), "a.png", {}, [(0, 0, 0), (10, 200, 30)], 0),
+    "palette + transparent index": (_palette_image([[0, 1]]), "a.png", {"transparency": 1},
+                                    [(0, 0, 0), WHITE], 0),
+    "grayscale + alpha": (Image.fromarray(np.array([[[100, 255], [100, 0], [100, 128]]], np.uint8), "LA"),
+                          "a.png", {}, [(100,) * 3, WHITE, (177,) * 3], 1),
+    "RGBA": (Image.fromarray(np.array([[[10, 20, 30, 255], [10, 20, 30, 0], [10, 20, 30, 128]]], np.uint8)),
+             "a.png", {}, [(10, 20, 30), WHITE, (132, 137, 142)], 1),
+    # PIL writes CMYK JPEGs the Adobe way (inverted, APP14 marker) and must undo it when reading
+    "CMYK JPEG": (_two_halves("CMYK", (255, 0, 0, 0), (0, 0, 0, 128)), "a.jpg", {"quality": 100},
+                  [(0, 255, 255)] * 8 + [(127, 127, 127)] * 8, 3),
+    "CMYK TIFF": (_two_halves("CMYK", (255, 0, 0, 0), (0, 0, 0, 128)), "a.tif", {},
+                  [(0, 255, 255)] * 8 + [(127, 127, 127)] * 8, 0),
+    "16-bit PNG": (Image.fromarray(np.array([[0, 257, 32768, 65535]], np.uint16)), "a.png", {},
+                   [(0,) * 3, (1,) * 3, GREY_128, WHITE], 0),
+    "16-bit big-endian TIFF": (Image.fromarray(np.array([[0, 257, 32768, 65535]], ">u2")), "a.tif", {},
+                               [(0,) * 3, (1,) * 3, GREY_128, WHITE], 0),
+    "32-bit integer TIFF": (Image.fromarray(np.array([[0, 32768, 65535, 70000, -5]], np.int32)), "a.tif", {},
+                            [(0,) * 3, GREY_128, WHITE, WHITE, (0,) * 3], 0),
+    "float TIFF": (Image.fromarray(np.array([[0, 0.5, 1, 2, -1, np.nan]], np.float32)), "a.tif", {},
+                   [(0,) * 3, GREY_128, WHITE, WHITE, (0,) * 3, (0,) * 3], 0),
+}
+
+
+@pytest.mark.parametrize("case", MODE_CASES)
+def test_every_image_mode_becomes_the_right_rgb(tmp_path, case):
+    image, name, options, expected, tolerance = MODE_CASES[case]
+    path = tmp_path / name
+    image.save(path, **options)
+    loaded = load_rgb(path)
+    assert (loaded.mode, loaded.size) == ("RGB", image.size)
+    first_row = np.asarray(loaded)[0].astype(int)
+    assert np.abs(first_row - np.array(expected)).max() <= tolerance, first_row.tolist()
+
+
+def test_ordinary_images_decode_exactly_as_pil_converts_them(tmp_path):
+    noise = np.random.default_rng(1).integers(0, 256, (12, 10, 3), dtype=np.uint8)
+    for name, image in [("rgb.jpg", Image.fromarray(noise)), ("grey.png", Image.fromarray(noise[..., 0])),
+                        ("palette.png", Image.fromarray(noise).quantize(16)), ("rgb.webp", Image.fromarray(noise))]:
+        image.save(tmp_path / name)
+        with Image.open(tmp_path / name) as reference:
+            assert np.array_equal(np.asarray(load_rgb(tmp_path / name)), np.asarray(reference.convert("RGB")))
+
+
+# ---------------------------------------------------------------- bad files
+
+def test_listing_leaves_out_unreadable_files_and_lists_a_link_loop_once(tmp_path):
+    root = tmp_path / "tree"
+    _save_image(root / "a" / "good.png")
+    _save_image(root / "a" / "sub" / "deep.png")
+    _save_image(root / "b" / "ok.png")
+    (root / "a" / "zero.jpg").write_bytes(b"")
+    os.symlink("missing.png", root / "a" / "dangling.png")
+    os.symlink("self.jpg", root / "a" / "self.jpg")
+    os.mkfifo(root / "b" / "pipe.jpg")  # opening it would block forever
+    os.symlink("..", root / "a" / "sub" / "loop")
+    os.symlink(root / "a" / "sub", root / "a" / "again")  # a link sorting before the real folder
+
+    dataset = ImageFolder(root, skip_bad=True)
+    assert dataset.samples == [(str(root / "a" / "good.png"), 0), (str(root / "a" / "sub" / "deep.png"), 0),
+                               (str(root / "b" / "ok.png"), 1)]
+    assert dataset.skipped == [(str(root / "a" / "dangling.png"), "broken symbolic link to 'missing.png'"),
+                               (str(root / "a" / "self.jpg"), "Too many levels of symbolic links"),
+                               (str(root / "a" / "zero.jpg"), "empty file, 0 bytes"),
+                               (str(root / "b" / "pipe.jpg"), "not a regular file")]
+    assert dataset.repeated_folders == [(str(root / "a" / "sub" / "loop"), f"folder already listed as '{root / 'a'}'"),
+                                        (str(root / "a" / "again"), f"folder already listed as '{root / 'a' / 'sub'}'")]
+    assert dataset.bad_files() == dict(dataset.skipped)
+
+    with pytest.raises(UserError) as error:  # evaluation: a left-out file is an error, a loop is not
+        ImageFolder(root)
+    message = _assert_one_line_naming(error, root / "a" / "dangling.png")
+    assert "(3 more such files under" in message and "delete or replace it" in message
+    for path in ("dangling.png", "self.jpg", "zero.jpg", "pipe.jpg"):
+        os.remove(root / ("b" if path == "pipe.jpg" else "a") / path)
+    assert len(ImageFolder(root)) == 3
+
+
+def test_a_folder_that_cannot_be_listed_is_skipped(tmp_path, monkeypatch):
+    _save_image(tmp_path / "a" / "1.png")
+    _save_image(tmp_path / "a" / "locked" / "2.png")
+    locked, scandir = str(tmp_path / "a" / "locked"), os.scandir
+
+    def refuse_locked(path):  # tests run as root, where chmod 000 locks nothing
+        if os.fspath(path) == locked:
+            raise PermissionError(13, "Permission denied")
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refuse_locked)
+    dataset = ImageFolder(tmp_path, skip_bad=True)
+    assert [path for path, _ in dataset.samples] == [str(tmp_path / "a" / "1.png")]
+    assert dataset.skipped == [(locked, "cannot list folder: [Errno 13] Permission denied")]
+    with pytest.raises(UserError, match="Permission denied"):
+        ImageFolder(tmp_path)
+
+
+def _mixed_folder(root: Path) -> dict:
+    """c0: red, text, truncated, blue; c1: text (the last index, whose substitute wraps to index 0)."""
+    _save_image(root / "c0" / "0.png", colour=(200, 0, 0))
+    (root / "c0" / "1.jpg").write_text("not an image")
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    noise.save(root / "c0" / "2.jpg")
+    (root / "c0" / "2.jpg").write_bytes((root / "c0" / "2.jpg").read_bytes()[:400])
+    _save_image(root / "c0" / "3.png", colour=(0, 0, 200))
+    (root / "c1" / "4.png").parent.mkdir()
+    (root / "c1" / "4.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
+    return {name: str(root / folder / name) for folder, name in [("c0", "1.jpg"), ("c0", "2.jpg"), ("c1", "4.png")]}
+
+
+def test_skip_bad_substitutes_the_next_sample_that_decodes_and_logs_each_bad_file_once(tmp_path):
+    bad = _mixed_folder(tmp_path / "data")
+    log = tmp_path / "bad.tsv"
+    dataset = ImageFolder(tmp_path / "data", transform=lambda image: image.getpixel((0, 0)), skip_bad=True, bad_log=log)
+    expected = [((200, 0, 0), 0), ((0, 0, 200), 0), ((0, 0, 200), 0), ((0, 0, 200), 0), ((200, 0, 0), 0)]
+    assert [dataset[i] for i in range(5)] == expected
+    assert [dataset[i] for i in reversed(range(5))] == expected[::-1]  # the same in any order
+
+    logged = read_bad_log(log)
+    assert sorted(logged) == sorted(bad.values()) and dataset.bad == logged
+    assert logged[bad["1.jpg"]] == "not a JPEG/PNG/PPM/BMP/TIFF/WEBP/GIF file"
+    assert logged[bad["2.jpg"]] == "Truncated File Read" and logged[bad["4.png"]] == logged[bad["1.jpg"]]
+    lines = log.read_text().splitlines()
+    assert len(lines) == 3 and all(line.count("\t") == 1 for line in lines)  # once, despite two passes
+
+    again = ImageFolder(tmp_path / "data", skip_bad=True, bad_log=log)  # another process, same log
+    assert again[2][0].getpixel((0, 0)) == (0, 0, 200)
+    assert len(log.read_text().splitlines()) == 4 and read_bad_log(log) == logged  # 2.jpg twice
+    assert again.bad_files() == logged and again.bad == {bad["2.jpg"]: logged[bad["2.jpg"]]}
+
+
+def test_skip_bad_gives_up_on_a_long_run_of_bad_files(tmp_path, monkeypatch):
+    bad = _mixed_folder(tmp_path)
+    monkeypatch.setattr(imagefolder, "MAX_SUBSTITUTE_ATTEMPTS", 2)
+    dataset = ImageFolder(tmp_path, skip_bad=True)
+    with pytest.raises(UserError) as error:
+        dataset[1]
+    message = _assert_one_line_naming(error, bad["1.jpg"])
+    assert "nor the 1 files after it" in message and "the data is damaged" in message
+    assert dataset[2][0].getpixel((0, 0)) == (0, 0, 200)  # 2.jpg is known bad now: 3.png is one step away
+
+
+def test_without_skip_bad_a_bad_file_stops_with_one_line(tmp_path):
+    bad = _mixed_folder(tmp_path)
+    dataset = ImageFolder(tmp_path)
+    assert dataset[0][0].getpixel((0, 0)) == (200, 0, 0)
+    with pytest.raises(BadImageError) as error:
+        dataset[1]
+    assert "cannot decode image" in _assert_one_line_naming(error, bad["1.jpg"])
+    assert error.value.path == bad["1.jpg"] and error.value.reason in str(error.value)
+
+
+def _append_many(log, worker):
+    for line in range(200):
+        imagefolder._append_bad_log(log, f"/data/{worker}/{'x' * 5000}/{line}.jpg", f"reason\tof {worker} {line}")
+
+
+def test_bad_log_lines_of_several_processes_never_mix(tmp_path):
+    log = str(tmp_path / "bad.tsv")
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=_append_many, args=(log, worker)) for worker in range(4)]
+    for process in workers:
+        process.start()
+    for process in workers:
+        process.join(60)
+        assert process.exitcode == 0
+    lines = Path(log).read_text().splitlines()
+    expected = {f"/data/{w}/{'x' * 5000}/{i}.jpg\treason of {w} {i}" for w in range(4) for i in range(200)}
+    assert len(lines) == 800 and set(lines) == expected  # whole lines; tabs in a reason become spaces
+    assert len(read_bad_log(log)) == 800 and read_bad_log(tmp_path / "absent.tsv") == {}
+
+
+def test_check_bad_fraction():
+    check_bad_fraction(1, 100, 0.01, ["a.jpg"])
+    check_bad_fraction(0, 0, 0.0, [])
+    with pytest.raises(UserError) as error:
+        check_bad_fraction(5, 100, 0.01, [f"{i}.jpg" for i in range(5)])
+    assert str(error.value) == ("5 of 100 images (5.00%) are unreadable, more than --max-bad-fraction 0.01: "
+                                "'0.jpg', '1.jpg', '2.jpg' and 2 more; delete or replace them, "
+                                "or raise --max-bad-fraction")
 
 
 # ---------------------------------------------------------------- embedded suite
