@@ -105,6 +105,7 @@ bench: $(STAMP)
 	$(PY) -m bench.augment_throughput
 	$(PY) -m bench.eval_throughput
 	$(PY) -m bench.davis_propagation
+	$(PY) -m bench.reliability_overhead
 
 clean:
 	rm -rf runs data/suite

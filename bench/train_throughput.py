@@ -35,26 +35,41 @@ def make_folder(root: str, size: int) -> str:
     return root
 
 
-def measure(name: str, batch: int, steps: int, warmup: int, device: torch.device) -> dict:
+def bench_trainer(name: str, tmp: str, device: torch.device, schedule_length: int) -> Trainer:
+    """A Trainer of config ``name`` on a dummy folder in ``tmp``, with flat schedules of ``schedule_length``."""
     spec = dict(CONFIGS[name])
     preset = spec.pop("preset")
+    cfg = resolve(preset, data=make_folder(tmp + "/data", 8), output_dir=tmp + "/run",
+                  batch_size_per_gpu=1, num_workers=0, **spec)
+    trainer = Trainer(cfg, DistInfo(device=device))
+    trainer.lr_schedule = trainer.wd_schedule = trainer.momentum_schedule = [0.999] * schedule_length
+    return trainer
+
+
+def random_crops(trainer: Trainer, batch: int) -> list[torch.Tensor]:
+    """Random global and local crops of the trainer's sizes: (batch, 3, S, S) each."""
+    cfg = trainer.cfg
+    crops = [torch.randn(batch, 3, cfg.global_crops_size, cfg.global_crops_size) for _ in range(2)]
+    return crops + [torch.randn(batch, 3, cfg.local_crops_size, cfg.local_crops_size)
+                    for _ in range(cfg.local_crops_number)]
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(name: str, batch: int, steps: int, warmup: int, device: torch.device) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = resolve(preset, data=make_folder(tmp + "/data", 8), output_dir=tmp + "/run",
-                      batch_size_per_gpu=1, num_workers=0, **spec)
-        trainer = Trainer(cfg, DistInfo(device=device))
-        # schedules long enough for the timed steps
-        trainer.lr_schedule = trainer.wd_schedule = trainer.momentum_schedule = [0.999] * (steps + warmup + 1)
-        crops = [torch.randn(batch, 3, cfg.global_crops_size, cfg.global_crops_size) for _ in range(2)]
-        crops += [torch.randn(batch, 3, cfg.local_crops_size, cfg.local_crops_size) for _ in range(cfg.local_crops_number)]
+        trainer = bench_trainer(name, tmp, device, steps + warmup + 1)
+        cfg, crops = trainer.cfg, random_crops(trainer, batch)
         for it in range(warmup):
             trainer.train_step(crops, epoch=1, it=it)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         start = time.perf_counter()
         for it in range(steps):
             trainer.train_step(crops, epoch=1, it=warmup + it)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         seconds = time.perf_counter() - start
     return {"config": name, "batch": batch, "crops": f"2x{cfg.global_crops_size}+{cfg.local_crops_number}x{cfg.local_crops_size}",
             "images_per_s": batch * steps / seconds, "peak_memory_gb": peak_memory_gb(device)}
