@@ -183,3 +183,35 @@ def test_divergence_mid_epoch_keeps_the_last_good_checkpoint(tiny_suite, tmp_pat
     saved = safe_load(out / "checkpoint.pth")
     assert saved["step"] == 4  # the step-4 checkpoint, not a diverged one
     assert all(torch.isfinite(value).all() for value in saved["teacher"].values() if value.is_floating_point())
+
+
+def test_disk_full_during_a_step_checkpoint_stops_the_run_and_keeps_the_previous(tiny_suite, tmp_path, monkeypatch):
+    import errno
+
+    import pretrain.checkpoint_files as checkpoint_files
+    out = tmp_path / "run"
+    cfg = tiny_cfg(tiny_suite / "train", out, save_every_steps=2, saveckp_freq=0)
+    trainer = Trainer(cfg, DistInfo())
+    real_save = checkpoint_files.atomic_save
+    saves = []
+
+    def save_then_fill_the_disk(state, path):
+        saves.append(path)
+        if len(saves) == 2:  # the second step checkpoint: a partial write, then ENOSPC
+            def partial(handle):
+                handle.write(b"PK\x03\x04 partial")
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return checkpoint_files.atomic_write(path, partial)
+        return real_save(state, path)
+    monkeypatch.setattr(checkpoint_files, "atomic_save", save_then_fill_the_disk)
+    with pytest.raises(UserError, match=r"writing checkpoint .*it00000004.pth' failed \(No space left on device\); "
+                                        r"the previous checkpoint .* is intact"):
+        trainer.fit()
+    state = safe_load(out / "checkpoint.pth")
+    assert state["step"] == 2  # the step-2 checkpoint, whole
+    assert sorted(p.name for p in out.iterdir() if p.suffix == ".pth" or ".tmp" in p.name) == \
+        ["checkpoint-it00000002.pth", "checkpoint.pth"]
+    # and the same command resumes from it
+    monkeypatch.setattr(checkpoint_files, "atomic_save", real_save)
+    summary = Trainer(cfg, DistInfo()).fit()
+    assert summary["resumed"] and summary["start_iteration"] == 2
