@@ -69,6 +69,10 @@ class TrainConfig:
     # bookkeeping
     saveckp_freq: int = 20
     save_every_steps: int = 0  # also checkpoint every N steps (0: only at epoch ends)
+    # torch.compile of student and teacher: on | off (compiling takes about a minute, even for a small model;
+    # whether it pays on a GPU is still to be measured, so it is off by default)
+    compile: str = "off"
+    fused_optimizer: bool = True  # fused AdamW (CPU and CUDA); False: the foreach implementation
     keep_checkpoints: int = 2  # newest step/epoch checkpoints kept (checkpoint-itNNNNNNNN.pth); a corrupt newest falls back
     log_every_steps: int = 10
     knn_every: int = 0  # epochs between kNN monitor runs (0: off)

@@ -153,3 +153,29 @@ def test_bad_arch_patch_and_resume_from_other_arch(tiny_suite, tmp_path, capsys)
     assert run_cli(train_main, ["--preset", "vanilla", *cli_args({**base, "embed_dim": 64})]) == 2
     assert "cannot resume" in capsys.readouterr().err
     assert (tmp_path / "out" / "checkpoint.pth").read_bytes() == before
+
+
+def test_fused_adamw_trains_like_the_foreach_one(tiny_suite, tmp_path):
+    runs = {}
+    for fused in (True, False):
+        out = tmp_path / f"fused-{fused}"
+        trainer = Trainer(tiny_cfg(tiny_suite / "train", out, max_steps=4, fused_optimizer=fused), DistInfo())
+        assert bool(trainer.optimizer.defaults["fused"]) is fused
+        trainer.fit()
+        runs[fused] = safe_load(out / "checkpoint.pth")
+    for name, value in runs[True]["student"].items():
+        assert torch.allclose(value, runs[False]["student"][name], atol=1e-5), name
+    assert not all(torch.equal(value, runs[False]["student"][name]) for name, value in runs[True]["student"].items())
+
+
+def test_compiled_models_train_like_the_plain_ones(tiny_suite, tmp_path):
+    """torch.compile (inductor, on the CPU here) computes the same steps; about a minute of compiling."""
+    runs = {}
+    for mode in ("on", "off"):
+        out = tmp_path / mode
+        Trainer(tiny_cfg(tiny_suite / "train", out, max_steps=3, compile=mode), DistInfo()).fit()
+        runs[mode] = safe_load(out / "checkpoint.pth")
+    assert all(not name.startswith("_orig_mod") for name in runs["on"]["teacher"])  # plain keys in the checkpoint
+    for key in ("student", "teacher"):
+        for name, value in runs["on"][key].items():
+            assert torch.allclose(value, runs["off"][key][name], atol=1e-4), (key, name)
