@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = bench_trainer(args.config, tmp, device, args.steps + 2)
+        trainer = bench_trainer(tmp, device, args.steps + 2, **CONFIGS[args.config])
         crops = random_crops(trainer, args.batch)
         trainer.train_step(crops, epoch=1, it=0)  # warm-up; creates the AdamW moments
         step_s = statistics.median(timed(lambda it=it: trainer.train_step(crops, 1, 1 + it).item(), device)
