@@ -205,12 +205,12 @@ class Trainer:
         """Load the newest loadable checkpoint of the run folder (a corrupt newest one: the previous, with a
         warning); False when there is none."""
         state, path, warnings = load_training_checkpoint(self.output_dir)
+        self.resume_warnings = warnings
         for warning in warnings:
             if self.dist.is_main:
                 tqdm.write(f"warning: {warning}", file=sys.stderr)
         if state is None:
             return False
-        self.resume_warnings = warnings
         try:
             self.student.load_state_dict(strip_prefixes(state["student"], ("module.",)))
             self.teacher.load_state_dict(strip_prefixes(state["teacher"], ("module.",)))
@@ -377,9 +377,10 @@ class Trainer:
                 for warning in self.resume_warnings:
                     self.log({"kind": "warning", "iteration": self.iteration, "message": warning})
             if self.batch_changed:
-                tqdm.write(f"note: the checkpoint was written with a global batch of {self.batch_changed[0]}, this run "
-                           f"has {self.batch_changed[1]}: resuming at the same image of epoch {self.start_epoch} "
-                           f"(iteration {self.iteration}); the run is no longer bit-identical to an uninterrupted one", file=sys.stderr)
+                saved, now = self.batch_changed
+                tqdm.write(f"note: the checkpoint was written with a global batch of {saved}, this run has {now}: "
+                           f"resuming at the same image of epoch {self.start_epoch} (iteration {self.iteration}); "
+                           "the run is no longer bit-identical to an uninterrupted one", file=sys.stderr)
         barrier(self.dist)
         self.steps_done = 0
         summary = {"resumed": resumed, "start_iteration": self.iteration}
