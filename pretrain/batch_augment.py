@@ -19,7 +19,9 @@ by PIL's roundings (tests/test_batch_augment.py states the bounds):
   for crops whose height shrinks more than twice as much as their width,
   which changes only pixels where the first pass overshoots and is clamped).
   Each pass is, for every output row of every crop, a weighted sum of K rows
-  of a table (`embedding_bag`), so all crops resize in two calls.
+  of a table (`embedding_bag`); on the CPU the horizontal pass runs one crop
+  at a time (its intermediate stays in cache) and the vertical pass's table
+  holds only each crop's own rows.
 * flip: the horizontal taps of flipped crops are read in reverse order.
 * colour jitter, position by position (p = 0..3): the op at position p of
   each jittered crop. Brightness, contrast and saturation are blends
@@ -90,44 +92,69 @@ def weighted_rows(table: torch.Tensor, index: torch.Tensor, weight: torch.Tensor
     return F.embedding_bag(index.to(device), table, per_sample_weights=weight.to(device), mode="sum")
 
 
-def source_planes(images: torch.Tensor) -> torch.Tensor:
+def source_planes(images: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 (B, 3, H, W) -> float (B * 3, W, H): the images' planes transposed,
-    so that the horizontal pass reads one table row per (image, channel, column)."""
+    so that the horizontal pass reads one table row per (image, channel, column).
+    Written into ``out`` where it is given and has that shape."""
     batch, channels, height, width = images.shape
-    planes = torch.empty(batch * channels, width, height, device=images.device)
-    return planes.copy_(images.flatten(0, 1).transpose(1, 2))
+    shape = (batch * channels, width, height)
+    if out is None or out.shape != shape or out.device != images.device:
+        out = torch.empty(shape, device=images.device)
+    return out.copy_(images.flatten(0, 1).transpose(1, 2))
 
 
 def resize_crops(source: torch.Tensor, owner: torch.Tensor, box: torch.Tensor, flip: torch.Tensor,
-                 size: int) -> torch.Tensor:
+                 size: int, per_crop: bool | None = None) -> torch.Tensor:
     """Crop ``box[n]`` (top, left, height, width) of image ``owner[n]``, resize it
     to ``size`` x ``size`` (PIL's antialiased bicubic) and mirror it where
     ``flip[n]``. ``source``: `source_planes` of the images (any device);
     ``owner``, ``box``, ``flip``: CPU tensors (N,), (N, 4), (N,). Returns float
-    (N, 3, size, size) in [0, 1]."""
+    (N, 3, size, size) in [0, 1].
+
+    ``per_crop`` (default: on the CPU) runs the horizontal pass one crop at a
+    time, so that its (3, size, H) intermediate stays in cache while crop n's
+    rows [top, top + height) (the only ones its vertical taps read) are
+    transposed out of it; otherwise all crops and all H rows go in one call."""
     channels = 3
     _, width, height = source.shape
     table = source.view(-1, height)
+    per_crop = source.device.type == "cpu" if per_crop is None else per_crop
     planes = (owner[:, None] * channels + torch.arange(channels)).flatten()  # source plane of each output plane
     x_index, x_weight = resample_taps(box[:, 1], box[:, 3], size)
     x_index = torch.where(flip[:, None, None], x_index.flip(1), x_index)
     x_weight = torch.where(flip[:, None, None], x_weight.flip(1), x_weight)
     y_index, y_weight = resample_taps(box[:, 0], box[:, 2], size)
-    # horizontal pass: rows (image, channel, x) -> rows (crop, channel, j), columns y
-    rows = x_index.repeat_interleave(channels, 0) + (planes * width)[:, None, None]
-    across = weighted_rows(table, rows.flatten(0, 1), x_weight.repeat_interleave(channels, 0).flatten(0, 1))
-    # vertical pass: rows (crop, channel, y), columns j -> rows (crop, channel, i); 1/255 in the weights
-    down_table = torch.empty(len(planes), height, size, device=table.device)
-    torch.clamp(across.view(-1, size, height).transpose(1, 2), 0, 255, out=down_table)
-    rows = y_index.repeat_interleave(channels, 0) + (torch.arange(len(planes)) * height)[:, None, None]
-    down = weighted_rows(down_table.view(-1, size), rows.flatten(0, 1),
-                         y_weight.repeat_interleave(channels, 0).flatten(0, 1) / 255)
+    # horizontal pass: rows (image, channel, x) -> rows (crop, channel, j), columns y, transposed (and
+    # clamped) into the vertical pass's table: rows (crop, channel, y) for y in [top, top + rows) of crop n
+    rows = (x_index.repeat_interleave(channels, 0) + (planes * width)[:, None, None]).flatten(0, 1)
+    weights = x_weight.repeat_interleave(channels, 0).flatten(0, 1)
+    tops = box[:, 0] if per_crop else torch.zeros_like(box[:, 0])
+    kept = box[:, 2] if per_crop else torch.full_like(box[:, 2], height)
+    first = (kept.cumsum(0) - kept) * channels  # crop n's first row in the table
+    down_table = torch.empty(channels * int(kept.sum()), size, device=table.device)
+    if per_crop:
+        step = channels * size
+        for n, (top, count, start) in enumerate(zip(tops.tolist(), kept.tolist(), first.tolist())):
+            across = weighted_rows(table, rows[n * step:(n + 1) * step], weights[n * step:(n + 1) * step])
+            down_table[start:start + channels * count].view(channels, count, size).copy_(
+                across.view(channels, size, height)[:, :, top:top + count].transpose(1, 2))
+    else:
+        across = weighted_rows(table, rows, weights).view(-1, size, height)
+        down_table.view(-1, height, size).copy_(across.transpose(1, 2))
+    down_table.clamp_(0, 255)
+    # vertical pass: rows (crop, channel, y) -> rows (crop, channel, i), columns j; 1/255 in the weights
+    plane_start = first[:, None] + torch.arange(channels) * kept[:, None]  # (N, 3): each plane's first row
+    rows = (y_index - tops[:, None, None]).repeat_interleave(channels, 0) + plane_start.flatten()[:, None, None]
+    down = weighted_rows(down_table, rows.flatten(0, 1), y_weight.repeat_interleave(channels, 0).flatten(0, 1) / 255)
     return down.clamp_(0, 1).view(len(owner), channels, size, size)
 
 
 # ---------------------------------------------------------------- colour
 def on_rows(x: torch.Tensor, chosen: torch.Tensor, op, *per_row: torch.Tensor) -> torch.Tensor:
-    """x[n] <- op(x[n], per_row[.][n]...) for the rows where the CPU mask ``chosen`` (N,) holds, in place."""
+    """x[n] <- op(x[n], per_row[.][n]...) for the rows where the CPU mask ``chosen`` (N,) holds: in place,
+    or op's (contiguous) result itself where it holds for every row."""
+    if len(x) and bool(chosen.all()):  # every row: no gather and scatter
+        return op(x, *per_row).contiguous()
     rows = chosen.nonzero()[:, 0]
     if len(rows):
         index = rows.to(x.device)
@@ -220,16 +247,28 @@ def box_blur_kernels(radius: torch.Tensor) -> torch.Tensor:
 
 def gaussian_blur(x: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
     """PIL's GaussianBlur(radius[n]) of each x[n] (N, 3, H, W): ``BLUR_PASSES``
-    extended-box passes along W, then along H, edge pixels repeated each pass."""
+    extended-box passes along W, then along H, edge pixels repeated each pass.
+
+    Each pass reads a buffer padded by ``pad`` on both sides of the axis and
+    writes straight into the middle of the other one, whose margins are then
+    filled with its edge pixels (no padded copy per pass)."""
     kernels = box_blur_kernels(radius).to(x.device)
     taps = kernels.shape[1]
     weights = kernels.view(len(x), 1, 1, 1, taps).unbind(-1)
     pad = taps // 2
-    for dim, padding in ((3, (pad, pad, 0, 0)), (2, (0, 0, pad, pad))):
+    for dim in (3, 2):
         length = x.shape[dim]
-        for _ in range(BLUR_PASSES):
-            padded = F.pad(x, padding, mode="replicate")
-            x = padded.narrow(dim, 0, length) * weights[0]
+        shape = list(x.shape)
+        shape[dim] += 2 * pad
+        buffers = [torch.empty(shape, device=x.device), torch.empty(shape, device=x.device)]
+        buffers[0].narrow(dim, pad, length).copy_(x)
+        for step in range(BLUR_PASSES):
+            padded = buffers[step % 2]
+            padded.narrow(dim, 0, pad).copy_(padded.narrow(dim, pad, 1).expand_as(padded.narrow(dim, 0, pad)))
+            padded.narrow(dim, pad + length, pad).copy_(padded.narrow(dim, pad + length - 1, 1)
+                                                        .expand_as(padded.narrow(dim, 0, pad)))
+            x = buffers[1 - step % 2].narrow(dim, pad, length) if step < BLUR_PASSES - 1 else None
+            x = torch.mul(padded.narrow(dim, 0, length), weights[0], out=x)
             for tap in range(1, taps):
                 x.addcmul_(padded.narrow(dim, tap, length), weights[tap])
     return x
@@ -239,11 +278,13 @@ def gaussian_blur(x: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
 class BatchMultiCrop:
     """Apply packed `CropParams` to a uint8 image batch: -> list of C (B, 3, S, S) crops.
 
-    The crops of one output size are augmented in chunks whose largest
-    intermediate (the horizontal pass, 12 S H bytes a crop) stays under
-    ``chunk_bytes``: by default 16 MiB on the CPU, where blocks above glibc's
-    32 MiB mmap threshold go back to the system on every free and cost a page
-    fault per 4 KiB when allocated again, and 1 GiB on a GPU.
+    Each crop slot is augmented in chunks of crops bounded by ``chunk_bytes``
+    at 12 S H bytes a crop (S the crop size, H the batch's image height; the
+    vertical pass's table is at most that): by default 16 MiB on the CPU, and
+    1 GiB on a GPU. On the CPU, blocks above glibc's 32 MiB mmap threshold go
+    back to the system on every free and cost a page fault per 4 KiB when
+    allocated again: hence chunks, one output tensor per slot (not per size),
+    and the float source planes (B 3 H W 4 bytes) kept for the next batch.
     """
 
     def __init__(self, sizes: list[int], mean=IMAGENET_MEAN, std=IMAGENET_STD, chunk_bytes: int | None = None,
@@ -255,6 +296,7 @@ class BatchMultiCrop:
         self.scale = 1 / torch.tensor(std).view(1, 3, 1, 1)
         self.shift = -torch.tensor(mean).view(1, 3, 1, 1) * self.scale
         self.chunk_bytes = chunk_bytes
+        self.planes: torch.Tensor | None = None  # the last CPU batch's `source_planes`, reused
 
     @classmethod
     def like(cls, augmentation: MultiCropAugmentation, chunk_bytes: int | None = None) -> "BatchMultiCrop":
@@ -277,19 +319,19 @@ class BatchMultiCrop:
         their crops (CPU). Returns the C crops, each float (B, 3, S, S) on that device."""
         batch, _, height, _ = images.shape
         budget = self.chunk_bytes or (2**24 if images.device.type == "cpu" else 2**30)
-        source = source_planes(images)
-        crops: list[torch.Tensor | None] = [None] * len(self.sizes)
-        for size in dict.fromkeys(self.sizes):
-            slots = [k for k, s in enumerate(self.sizes) if s == size]
-            p = {name: value[slots].flatten(0, 1) for name, value in params.items()}  # slot-major
-            owner = torch.arange(batch).repeat(len(slots))
-            out = torch.empty(len(owner), 3, size, size, device=images.device)
+        source = source_planes(images, self.planes)
+        if images.device.type == "cpu":  # kept for the next batch: see the class doc
+            self.planes = source
+        crops = []
+        for slot, size in enumerate(self.sizes):
+            p = {name: value[slot] for name, value in params.items()}
+            out = torch.empty(batch, 3, size, size, device=images.device)  # one per slot: see the class doc
             step = max(1, budget // (12 * size * height))
-            for start in range(0, len(owner), step):
+            for start in range(0, batch, step):
                 part = slice(start, start + step)
-                self.augment(source, owner[part], {name: value[part] for name, value in p.items()}, size, out[part])
-            for i, slot in enumerate(slots):
-                crops[slot] = out[i * batch:(i + 1) * batch]
+                self.augment(source, torch.arange(batch)[part], {name: value[part] for name, value in p.items()},
+                             size, out[part])
+            crops.append(out)
         return crops
 
     def on_device(self, batch: DecodedBatch, device: torch.device) -> list[torch.Tensor]:

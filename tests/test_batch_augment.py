@@ -79,6 +79,17 @@ def test_resize_matches_pil_bicubic(name):
     assert diff.abs().mean() < 0.35 and (diff.abs() > 1.15).float().mean() < 0.005
 
 
+def test_resize_per_crop_and_all_at_once_agree():
+    # the CPU's default (one crop at a time, only its rows into the vertical pass) against the one-call path
+    images = torch.stack([TF.pil_to_tensor(photo()), TF.pil_to_tensor(photo(seed=6))])
+    rng = random.Random(1)
+    boxes = [random_resized_crop_box(rng, 120, 90, (0.05, 1.0)) for _ in range(10)]
+    owner, flips = torch.tensor([i % 2 for i in range(10)]), torch.tensor([i % 3 == 0 for i in range(10)])
+    for size in (24, 64):
+        args = (source_planes(images), owner, torch.tensor(boxes), flips, size)
+        assert torch.allclose(resize_crops(*args, per_crop=True), resize_crops(*args, per_crop=False), atol=1e-6)
+
+
 @pytest.mark.parametrize("name", IMAGES)
 @pytest.mark.parametrize("op,low,high", [(0, 0.6, 1.4), (1, 0.6, 1.4), (2, 0.2, 1.8)])
 def test_blends_match_pil(name, op, low, high):
@@ -211,6 +222,18 @@ def test_batch_composition_and_chunking_do_not_change_a_crop():
     for k in range(augmentation.ncrops):
         assert torch.allclose(together[k], chunked[k], atol=1e-5)
         assert torch.allclose(together[k][2], alone[k][0], atol=1e-5)
+
+
+def test_one_batch_multicrop_serves_batches_of_any_shape():
+    # the CPU keeps the float source planes for the next batch: a batch of another shape must not see them
+    augmentation = MultiCropAugmentation(48, 24, n_local=2)
+    reused = BatchMultiCrop.like(augmentation)
+    for images in ([photo(), photo(60, 140, seed=2)], [suite_image(), suite_image(48)], [photo(), photo(seed=9)]):
+        params = [augmentation.draw(img.width, img.height, sample_rng(0, 2, i)) for i, img in enumerate(images)]
+        batch = collate_decoded([(TF.pil_to_tensor(img), p) for img, p in zip(images, params)])
+        fresh = BatchMultiCrop.like(augmentation)(batch.images, batch.params)
+        for a, b in zip(reused(batch.images, batch.params), fresh):
+            assert torch.equal(a, b)
 
 
 # ---------------------------------------------------------------- the random draws
