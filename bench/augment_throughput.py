@@ -13,8 +13,11 @@ this process, so other jobs on the machine do not count):
   image, collate, `BatchMultiCrop` per batch;
 * ``decode+draw``: what the device path leaves to the loader workers when a
   GPU augments (decode, draw the crop parameters, collate);
-* ``batched-cuda`` (when a GPU is present): the whole device path with the
-  augmentation on the GPU, in images/s of wall-clock time.
+* ``read+draw``: what they keep when the GPU decodes too (``--decode-on
+  device``: read the file's bytes and its header, draw, collate);
+* ``batched-cuda`` (when a GPU is present): the device path with the
+  augmentation on the GPU, the images decoded on the CPU, in images/s of
+  wall-clock time; ``nvjpeg+batched-cuda``: decoded on the GPU too (nvJPEG).
 
 Each figure is the best of ``--repeats`` passes over the images.
 """
@@ -34,6 +37,7 @@ from data.suite import render_object_image
 from pretrain.augment import DecodedCropDataset, MultiCropAugmentation, collate_decoded, sample_rng
 from pretrain.batch_augment import BatchMultiCrop
 from pretrain.config import resolve
+from pretrain.device_decode import DecodeThenCrop, EncodedCropDataset, collate_encoded
 
 CASES = {
     "paper": dict(preset="paper", image="jpeg"),  # 2x224 + 10x96 of 500x375 JPEGs
@@ -78,6 +82,8 @@ def measure(case: str, count: int, batch: int, repeats: int) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         folder = ImageFolder(write_images(tmp, spec["image"], count))
         decoded = DecodedCropDataset(folder, augmentation)
+        encoded = EncodedCropDataset(folder, augmentation)
+        decode_then_crop = DecodeThenCrop(encoded, batched)
         batches = [range(start, min(start + batch, count)) for start in range(0, count, batch)]
 
         def pil_path():
@@ -87,6 +93,14 @@ def measure(case: str, count: int, batch: int, repeats: int) -> list[dict]:
         def decode_and_draw():
             return [collate_decoded([decoded[(0, index)] for index in indices]) for indices in batches]
 
+        def read_and_draw():
+            return [collate_encoded([encoded[(0, index)] for index in indices]) for indices in batches]
+
+        def device_decode_path(device: torch.device):
+            for collated in read_and_draw():
+                decode_then_crop(collated, device)
+            torch.cuda.synchronize()
+
         def batched_path(device: torch.device):
             for collated in decode_and_draw():
                 batched.on_device(collated, device)
@@ -94,12 +108,14 @@ def measure(case: str, count: int, batch: int, repeats: int) -> list[dict]:
                 torch.cuda.synchronize()
 
         paths = {"pil": pil_path, "batched-cpu": lambda: batched_path(torch.device("cpu")),
-                 "decode+draw": decode_and_draw}
+                 "decode+draw": decode_and_draw, "read+draw": read_and_draw}
         rows = [dict(case=case, crops=crops, path=name, images_per_s=count / best_seconds(run, repeats))
                 for name, run in paths.items()]
         if torch.cuda.is_available():
             seconds = best_seconds(lambda: batched_path(torch.device("cuda")), repeats, time.perf_counter)
             rows.append(dict(case=case, crops=crops, path="batched-cuda", images_per_s=count / seconds))
+            seconds = best_seconds(lambda: device_decode_path(torch.device("cuda")), repeats, time.perf_counter)
+            rows.append(dict(case=case, crops=crops, path="nvjpeg+batched-cuda", images_per_s=count / seconds))
     return rows
 
 
@@ -113,11 +129,11 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     print(f"images/s per CPU core (one thread, CPU time); GPU: "
           f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
-    print(f"{'case':<7}{'crops':<14}{'path':<14}{'images/s':>10}{'vs pil':>8}")
+    print(f"{'case':<7}{'crops':<14}{'path':<21}{'images/s':>10}{'vs pil':>8}")
     for case in args.cases:
         rows = measure(case, args.images, args.batch, args.repeats)
         for row in rows:
-            print(f"{row['case']:<7}{row['crops']:<14}{row['path']:<14}{row['images_per_s']:>10.1f}"
+            print(f"{row['case']:<7}{row['crops']:<14}{row['path']:<21}{row['images_per_s']:>10.1f}"
                   f"{row['images_per_s'] / rows[0]['images_per_s']:>7.2f}x")
     return 0
 

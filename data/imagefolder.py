@@ -18,9 +18,11 @@ training only (``skip_bad``), substitutes and logs the files that do not decode.
 import os
 import stat
 import threading
+from typing import NamedTuple
 
 import numpy as np
 import PIL.Image
+import torch
 import torch.utils.data
 
 from data.errors import UserError
@@ -88,15 +90,12 @@ def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
     return image.convert("RGB")
 
 
-def load_rgb(path, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> PIL.Image.Image:
-    """Decode the image at ``path`` fully and return it as RGB (`to_rgb`).
-
-    The one place images are decoded: ``load()`` reads the whole file now, so a
-    truncated or corrupt image fails here, naming the file. Raises
-    `BadImageError` (a one-line `UserError`) for a file PIL cannot read or
-    convert and, before decoding, for one of more than ``max_pixels`` pixels
-    (None: no limit), a check that replaces PIL's decompression-bomb warning.
-    """
+def _read(path, max_pixels: int | None, use):
+    """``use(image)`` of the image file at ``path`` opened by PIL (header read,
+    pixels not yet decoded), with every failure
+    turned into `BadImageError`: an image of more than ``max_pixels`` pixels
+    (None: no limit) is refused before it is decoded, a check that replaces
+    PIL's decompression-bomb warning."""
     try:
         with _PIL_LIMIT_LOCK:  # PIL's limit is a module global: lift it for this open only
             saved_limit, PIL.Image.MAX_IMAGE_PIXELS = PIL.Image.MAX_IMAGE_PIXELS, None
@@ -109,8 +108,7 @@ def load_rgb(path, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> PIL.Ima
             if max_pixels is not None and pixels > max_pixels:
                 raise _bad(path, f"{pixels} pixels, over the limit of {max_pixels}", "too large an image",
                            "resize it, delete it or raise --max-image-pixels")
-            image.load()
-            return to_rgb(image)
+            return use(image)
     except (BadImageError, MemoryError):
         raise
     except PIL.UnidentifiedImageError:
@@ -118,6 +116,59 @@ def load_rgb(path, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> PIL.Ima
         raise _bad(path, "empty file, 0 bytes" if empty else f"not a {'/'.join(DECODED_FORMATS)} file") from None
     except Exception as error:  # PIL's plugins raise many types on malformed bytes: all mean "bad file"
         raise _bad(path, _error_text(error)) from None
+
+
+def _decode_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    image.load()
+    return to_rgb(image)
+
+
+def load_rgb(path, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> PIL.Image.Image:
+    """Decode the image at ``path`` fully and return it as RGB (`to_rgb`).
+
+    The one place images are decoded: ``load()`` reads the whole file now, so a
+    truncated or corrupt image fails here, naming the file. Raises
+    `BadImageError` (a one-line `UserError`) for a file PIL cannot read or
+    convert and, before decoding, for one of more than ``max_pixels`` pixels
+    (None: no limit).
+    """
+    return _read(path, max_pixels, _decode_rgb)
+
+
+class EncodedImage(NamedTuple):
+    """An image as the loader workers hand it to a device that decodes.
+
+    ``data``: the file's bytes, 1-D uint8, when ``is_jpeg`` (a JPEG whose
+    pixels are RGB or L: any standard JPEG decoder asked for RGB gives what
+    `load_rgb` gives, since PIL decodes JPEG with libjpeg and converts L to RGB
+    by repeating the channel); otherwise the `load_rgb` pixels, uint8
+    (3, height, width). ``path`` is the file read (after any substitution).
+    Only the header of a JPEG has been read: a truncated or corrupt body
+    fails later, where it is decoded.
+    """
+    data: torch.Tensor
+    is_jpeg: bool
+    width: int
+    height: int
+    path: str
+
+
+DEVICE_DECODED_MODES = ("RGB", "L")  # JPEG modes shipped as bytes; CMYK and the rest are converted by PIL here
+
+
+def read_encoded(path, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> EncodedImage:
+    """`EncodedImage` of the file at ``path``: its bytes when it is a JPEG in one of
+    `DEVICE_DECODED_MODES` (header read and size checked only), else its `load_rgb`
+    pixels. Raises `BadImageError` as `load_rgb` does."""
+    def use(image: PIL.Image.Image) -> EncodedImage:
+        if image.format == "JPEG" and image.mode in DEVICE_DECODED_MODES and "transparency" not in image.info:
+            with open(path, "rb") as file:
+                data = bytearray(file.read())
+            return EncodedImage(torch.frombuffer(data, dtype=torch.uint8), True,
+                                image.width, image.height, os.fspath(path))
+        pixels = torch.from_numpy(np.array(_decode_rgb(image), dtype=np.uint8)).permute(2, 0, 1).contiguous()
+        return EncodedImage(pixels, False, image.width, image.height, os.fspath(path))
+    return _read(path, max_pixels, use)
 
 
 def _check_directory(path, what: str, hint: str) -> None:
@@ -288,18 +339,34 @@ class ImageFolder(torch.utils.data.Dataset):
 
     def _decoded(self, index: int):
         """(RGB image, label) of ``samples[index]``, or with ``skip_bad`` of the next sample that decodes."""
+        return self._first_readable(index, load_rgb)
+
+    def encoded(self, index: int):
+        """(`EncodedImage`, label) of ``samples[index]``, substituted as ``dataset[index]`` is; a JPEG's
+        body is not decoded here (see `note_bad` for one that fails where it is)."""
+        return self._first_readable(index, read_encoded)
+
+    def note_bad(self, path: str, reason: str) -> None:
+        """Record a file that failed to decode: in ``bad`` (never read again by this process) and, the first
+        time in this process, in the ``bad_log``."""
+        if path not in self.bad:
+            self.bad[path] = reason
+            if self.bad_log is not None:
+                _append_bad_log(self.bad_log, path, reason)
+
+    def _first_readable(self, index: int, read):
+        """(``read(path, max_pixels)``, label) of ``samples[index]`` or, with ``skip_bad``, of the first
+        sample after it that reads without `BadImageError`."""
         if not self.skip_bad:
             path, label = self.samples[index]
-            return load_rgb(path, self.max_pixels), label
+            return read(path, self.max_pixels), label
         for attempt in range(min(len(self.samples), MAX_SUBSTITUTE_ATTEMPTS)):
             path, label = self.samples[(index + attempt) % len(self.samples)]
             if path not in self.bad:
                 try:
-                    return load_rgb(path, self.max_pixels), label
+                    return read(path, self.max_pixels), label
                 except BadImageError as error:
-                    self.bad[path] = error.reason  # never tried again in this process
-                    if self.bad_log is not None:
-                        _append_bad_log(self.bad_log, path, error.reason)
+                    self.note_bad(path, error.reason)  # never tried again in this process
         first = self.samples[index][0]
         raise UserError(f"cannot decode image '{first}' ({self.bad[first]}) nor the {attempt} files after it "
                         f"in '{self.root}': the data is damaged; delete or replace the files listed in "

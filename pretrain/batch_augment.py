@@ -344,15 +344,42 @@ def move_crops(crops: list[torch.Tensor], device: torch.device) -> list[torch.Te
     return [crop.to(device, non_blocking=True) for crop in crops]
 
 
+def resolve_pipeline(augment_on: str, decode_on: str, device: torch.device) -> tuple[str, str]:
+    """``--augment-on`` and ``--decode-on`` with "auto" made concrete for ``device``: on CUDA both
+    "device" (the workers only read bytes), on the CPU both "loader" (the workers' PIL pipeline
+    runs beside the train step on the other cores). One-line `UserError` for unknown or
+    contradictory values."""
+    if augment_on not in ("auto", "loader", "device"):
+        raise UserError(f"unknown --augment-on '{augment_on}': use auto, loader (PIL in the data-loader workers) "
+                        "or device (batched on the training device)")
+    if decode_on not in ("auto", "loader", "device"):
+        raise UserError(f"unknown --decode-on '{decode_on}': use auto, loader (the data-loader workers decode) "
+                        "or device (the workers read bytes; JPEGs are decoded on the training device)")
+    on_gpu = device.type == "cuda"
+    if augment_on == "auto":
+        augment_on = "device" if on_gpu or decode_on == "device" else "loader"
+    if decode_on == "auto":
+        decode_on = "device" if on_gpu and augment_on == "device" else "loader"
+    if decode_on == "device" and augment_on == "loader":
+        raise UserError("--decode-on device needs --augment-on device (the loader workers' PIL augmentation "
+                        "needs decoded images): pass --augment-on device or --decode-on loader")
+    return augment_on, decode_on
+
+
 def crop_pipeline(augment_on: str, base: torch.utils.data.Dataset, augmentation: MultiCropAugmentation,
-                  seed: int) -> tuple[torch.utils.data.Dataset, Callable | None, Callable]:
+                  seed: int, decode_on: str = "loader") -> tuple[torch.utils.data.Dataset, Callable | None, Callable]:
     """(dataset keyed by (epoch, index), its collate_fn, batch -> crops on a device) for
-    ``augment_on`` "loader" (PIL per image in the loader workers) or "device"
-    (workers decode; the batch is augmented on the training device)."""
-    if augment_on == "loader":
+    ``augment_on`` "loader" (PIL per image in the loader workers) or "device" (batched on the
+    training device), and ``decode_on`` "loader" (the workers decode) or "device" (the workers
+    read bytes: `pretrain.device_decode`). Values as `resolve_pipeline` returns them."""
+    if augment_on == "loader" and decode_on == "loader":
         return MultiCropDataset(base, augmentation, seed), None, move_crops
-    if augment_on == "device":
-        batched = BatchMultiCrop.like(augmentation)
+    batched = BatchMultiCrop.like(augmentation)
+    if augment_on == "device" and decode_on == "loader":
         return DecodedCropDataset(base, augmentation, seed), collate_decoded, batched.on_device
-    raise UserError(f"unknown --augment-on '{augment_on}': use loader (PIL in the data-loader workers) "
-                    "or device (batched on the training device)")
+    if augment_on == "device" and decode_on == "device":
+        from .device_decode import DecodeThenCrop, EncodedCropDataset, collate_encoded
+        dataset = EncodedCropDataset(base, augmentation, seed)
+        return dataset, collate_encoded, DecodeThenCrop(dataset, batched)
+    raise UserError(f"--augment-on {augment_on} with --decode-on {decode_on} is not a pipeline: "
+                    "see resolve_pipeline")

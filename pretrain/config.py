@@ -65,7 +65,12 @@ class TrainConfig:
     jitter_hue_space: str = "hsv"  # hsv (ColorJitter's shift) | yiq (luma-preserving rotation, demo)
     grayscale_p: float = 0.2
     blur_radius: tuple[float, float] = (0.1, 2.0)  # PIL Gaussian blur radius range, in pixels
-    augment_on: str = "loader"  # loader (PIL per image in the workers) | device (batched on the training device)
+    # where the multi-crop is made: loader (PIL per image in the workers) | device (batched on the training
+    # device) | auto (device on CUDA, loader on the CPU)
+    augment_on: str = "auto"
+    # where JPEGs are decoded: loader (the workers) | device (the workers read bytes; nvJPEG on CUDA) |
+    # auto (device when the crops are made on a CUDA device, else loader)
+    decode_on: str = "auto"
     # bookkeeping
     saveckp_freq: int = 20
     save_every_steps: int = 0  # also checkpoint every N steps (0: only at epoch ends)

@@ -30,7 +30,7 @@ from data.imagefolder import ImageFolder, check_bad_fraction
 
 from .augment import MultiCropAugmentation
 from .backbones import build_backbone, describe
-from .batch_augment import crop_pipeline
+from .batch_augment import crop_pipeline, resolve_pipeline
 from .checkpoint import atomic_save, atomic_write_text, strip_prefixes
 from .checkpoint_files import load_training_checkpoint, save_training_checkpoint
 from .config import TrainConfig, to_dict
@@ -114,7 +114,9 @@ class Trainer:
         self.reported_bad: set[str] = set()
         check_bad_fraction(len(base.skipped), self.listed_images, cfg.max_bad_fraction, [p for p, _ in base.skipped])
         self.augmentation = MultiCropAugmentation.from_config(cfg)
-        self.dataset, self.collate_fn, self.crops_on = crop_pipeline(cfg.augment_on, base, self.augmentation, cfg.seed)
+        self.augment_on, self.decode_on = resolve_pipeline(cfg.augment_on, cfg.decode_on, self.device)
+        self.dataset, self.collate_fn, self.crops_on = crop_pipeline(self.augment_on, base, self.augmentation,
+                                                                     cfg.seed, self.decode_on)
         self.sampler = ShardedSampler(len(self.dataset), dist_info.world_size, dist_info.rank, seed=cfg.seed)
         self.iters_per_epoch = self.sampler.per_rank // cfg.batch_size_per_gpu
         if self.iters_per_epoch == 0:

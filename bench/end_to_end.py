@@ -1,0 +1,186 @@
+"""End-to-end training throughput from JPEG files: the official choices against our default path.
+
+    python -m bench.end_to_end [--arch vit_small] [--patch 16] [--global-size 224] [--local-size 96]
+                               [--locals 10] [--out-dim 65536] [--batch 4] [--steps 3] [--warmup 1]
+                               [--workers N] [--device auto] [--threads N]
+
+What a pretraining run does per step, measured whole: the `pretrain.trainer.Trainer`'s
+own DataLoader reads 500x375 photo-like JPEGs (`bench.augment_throughput.photo_like`,
+quality 90) through its sampler and workers, the crops are made where the
+variant makes them, and the train step runs (`bench.train_throughput` times the
+step alone on ready crops). Rows, each in its own process (its own peak memory):
+
+* **baseline**: the official implementation's choices: PIL decode and per-image
+  PIL multi-crop in the loader workers (``--augment-on loader``), and the step
+  of `bench.train_throughput.official_choices` (explicit attention, per-parameter
+  AdamW, clipping and EMA loops, a host read of the loss per step, fp16 + scaler
+  on CUDA);
+* **ours**: the trainer's defaults (``--augment-on auto --decode-on auto``: on
+  CUDA the workers only read bytes and the batch is decoded by nvJPEG and
+  augmented on the GPU; on the CPU the workers run the PIL pipeline);
+* **ours-device** (on the CPU, where it is not already the default): ours with
+  ``--augment-on device --decode-on device``, the GPU path run on the CPU.
+
+Columns: images/s over ``--steps`` timed steps after ``--warmup`` untimed ones
+(the workers' prefetch queue is filled during the warm-up, so a pipeline
+slower than the step shows), where the crops are made and decoded, peak
+memory (CUDA: ``max_memory_allocated``; CPU: the training process's maximum
+resident set, the workers not included), and the ratio to the baseline.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.augment_throughput import photo_like
+from bench.train_throughput import official_choices, synchronize, variant_precision
+from pretrain.backbones import VIT_SPECS
+from pretrain.config import resolve
+from pretrain.distributed import DistInfo
+from pretrain.trainer import Trainer, peak_memory_gb
+
+REPO = Path(__file__).resolve().parents[1]
+VARIANTS = ("baseline", "ours", "ours-device")
+RESULT_TAG = "E2E-RESULT "
+UNIQUE_IMAGES = 32  # distinct JPEGs written; the folder repeats them (hard links) to the size a run reads
+
+
+def write_jpegs(root: str, count: int) -> str:
+    """``count`` JPEG files in ``root/c``: `UNIQUE_IMAGES` photo-like ones, hard-linked round to ``count``."""
+    os.makedirs(f"{root}/c", exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        path = f"{root}/c/{i:06d}.jpg"
+        if i < UNIQUE_IMAGES:
+            photo_like(rng).save(path, quality=90)
+        else:
+            os.link(f"{root}/c/{i % UNIQUE_IMAGES:06d}.jpg", path)
+    return root
+
+
+def variant_settings(variant: str, device: torch.device) -> dict:
+    """Trainer options of a variant (precision, where crops are made and decoded)."""
+    pipeline = {"baseline": dict(augment_on="loader", decode_on="loader"),
+                "ours": dict(augment_on="auto", decode_on="auto"),
+                "ours-device": dict(augment_on="device", decode_on="device")}[variant]
+    return dict(precision=variant_precision("baseline" if variant == "baseline" else "ours", device), **pipeline)
+
+
+def run_variant(variant: str, args: argparse.Namespace, device: torch.device) -> dict:
+    steps = args.warmup + args.steps
+    with tempfile.TemporaryDirectory() as tmp:
+        data = write_jpegs(tmp + "/data", args.batch * steps)
+        cfg = resolve("paper", arch=args.arch, patch_size=args.patch, global_crops_size=args.global_size,
+                      local_crops_size=args.local_size, local_crops_number=args.locals, out_dim=args.out_dim,
+                      data=data, output_dir=tmp + "/run", batch_size_per_gpu=args.batch, num_workers=args.workers,
+                      **variant_settings(variant, device))
+        trainer = Trainer(cfg, DistInfo(device=device))
+        trainer.lr_schedule = [5e-4] * (steps + 1)  # flat at a real run's values (bench.train_throughput)
+        trainer.wd_schedule = [0.04] * (steps + 1)
+        trainer.momentum_schedule = [0.996] * (steps + 1)
+        loader = trainer.make_loader()
+        trainer.sampler.set_epoch(0)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        context = official_choices(trainer) if variant == "baseline" else contextlib.nullcontext()
+        with context:
+            batches = iter(loader)
+            for it in range(args.warmup):
+                loss = trainer.train_step(next(batches), epoch=1, it=it)
+                if variant == "baseline":
+                    loss.item()
+            synchronize(device)
+            start = time.perf_counter()
+            for it in range(args.warmup, steps):
+                loss = trainer.train_step(next(batches), epoch=1, it=it)
+                if variant == "baseline":
+                    loss.item()  # the official loop checks math.isfinite(loss.item()) every step
+            synchronize(device)
+            seconds = (time.perf_counter() - start) / args.steps
+        memory = peak_memory_gb(device)
+        del batches, loader
+    return {"variant": variant, "images_per_s": args.batch / seconds, "step_s": seconds, "peak_memory_gb": memory,
+            "augment_on": trainer.augment_on, "decode_on": trainer.decode_on}
+
+
+def variant_in_subprocess(variant: str, argv: list[str]) -> dict:
+    command = [sys.executable, "-m", "bench.end_to_end", *argv, "--run-variant", variant]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_TAG)]
+    if done.returncode or not lines:
+        sys.stderr.write(done.stdout + done.stderr)
+        raise RuntimeError(f"the {variant} variant failed (exit status {done.returncode})")
+    return json.loads(lines[-1][len(RESULT_TAG):])
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="vit_small", choices=sorted(VIT_SPECS))
+    parser.add_argument("--patch", type=int, default=16, choices=(16, 8))
+    parser.add_argument("--global-size", type=int, default=224, help="global crop side (2 per image)")
+    parser.add_argument("--local-size", type=int, default=96, help="local crop side")
+    parser.add_argument("--locals", type=int, default=10, help="local crops per image (the paper's 10)")
+    parser.add_argument("--out-dim", type=int, default=65536, help="head prototypes K")
+    parser.add_argument("--batch", type=int, default=None, help="images per step (default: 4 on CPU, 128 on CUDA)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per variant (default: 3 CPU, 20 CUDA)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 1 CPU, 5 CUDA)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="loader workers (default: 10 on CUDA, the official default; 1 on the CPU)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: torch's)")
+    parser.add_argument("--run-variant", choices=VARIANTS, help=argparse.SUPPRESS)  # internal: one variant
+    args = parser.parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    on_cuda = args.device == "cuda"
+    args.batch = args.batch or (128 if on_cuda else 4)
+    args.steps = args.steps or (20 if on_cuda else 3)
+    args.warmup = args.warmup if args.warmup is not None else (5 if on_cuda else 1)
+    args.workers = args.workers if args.workers is not None else (min(10, os.cpu_count() or 1) if on_cuda else 1)
+    args.threads = args.threads or torch.get_num_threads()
+    return args
+
+
+def compare(args: argparse.Namespace, argv: list[str]) -> list[dict]:
+    device = torch.device(args.device)
+    variants = ["baseline", "ours"] + (["ours-device"] if device.type == "cpu" else [])
+    rows = [variant_in_subprocess(variant, argv) for variant in variants]
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {args.threads} threads"
+    print(f"end to end from JPEG files: {args.arch}/{args.patch}, 2x{args.global_size} + {args.locals}x"
+          f"{args.local_size}, batch {args.batch}, {args.workers} loader workers, {name}")
+    print(f"{'variant':<13}{'crops on':<10}{'decode on':<11}{'images/s':>10}{'step s':>9}{'peak GB':>9}"
+          f"{'vs baseline':>13}")
+    for row in rows:
+        print(f"{row['variant']:<13}{row['augment_on']:<10}{row['decode_on']:<11}{row['images_per_s']:>10.2f}"
+              f"{row['step_s']:>9.3f}{row['peak_memory_gb']:>9.2f}"
+              f"{row['images_per_s'] / rows[0]['images_per_s']:>12.2f}x")
+    return rows
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        if args.run_variant:
+            print(RESULT_TAG + json.dumps(run_variant(args.run_variant, args, torch.device(args.device))), flush=True)
+        else:
+            compare(args, argv)
+    finally:
+        torch.set_num_threads(threads)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,155 @@
+"""Decode on the training device: the loader workers only read file bytes.
+
+The batched multi-crop (`pretrain.batch_augment`) takes decoded uint8
+images. With ``--decode-on device`` the workers do not decode JPEGs either:
+each sample is an `EncodedImage` (the file's bytes plus the size from its
+header, which is all the crop draws need), and the training process decodes
+the batch where it trains, with ``torchvision.io.decode_jpeg`` (nvJPEG, batched,
+on CUDA; libjpeg-turbo on the CPU, which gives PIL's pixels bit for bit).
+Files that are not a JPEG in RGB or L (PNG, CMYK JPEG, ...) are decoded by PIL
+in the workers as before (`data.imagefolder.read_encoded`).
+
+A JPEG whose body fails to decode on the device (only its header was read
+in the worker) is decoded by PIL in this process; if PIL fails too, the file
+is bad: it is logged (`ImageFolder.note_bad`) and the sample is made again
+exactly as the workers make a bad file's (the next index's image, the crops
+drawn from the original index's generator), so a batch is the same whichever
+process found the file bad. Sample keys ride along in the batch for that.
+
+Shapes: a batch of B images becomes uint8 (B, 3, H, W) on the device, each
+image zero-padded at the bottom/right to the largest (`collate_decoded`'s
+layout), with its crops' `pack_params`.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torchvision.transforms.functional as TF
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from data.imagefolder import BadImageError, EncodedImage, ImageFolder, load_rgb
+
+from .augment import CropParams, MultiCropAugmentation, MultiCropDataset, pack_params, sample_rng
+
+
+class EncodedSample(NamedTuple):
+    image: EncodedImage
+    params: list[CropParams]
+    key: tuple[int, int]  # (epoch, index)
+
+
+class EncodedBatch(NamedTuple):
+    """B samples: ``data[i]`` JPEG bytes (1-D uint8) where ``is_jpeg[i]``, else
+    decoded pixels uint8 (3, h_i, w_i); ``sizes`` (B, 2) int64 (height, width);
+    ``keys`` (B, 2) int64 (epoch, index); ``paths`` the files read; ``params``
+    `pack_params` of the crops."""
+    data: list[torch.Tensor]
+    is_jpeg: list[bool]
+    sizes: torch.Tensor
+    keys: torch.Tensor
+    paths: list[str]
+    params: dict[str, torch.Tensor]
+
+
+class EncodedCropDataset(MultiCropDataset):
+    """``dataset[(epoch, index)]`` -> `EncodedSample`: the file read (not decoded
+    when it is a JPEG) and its crops' `CropParams`, drawn exactly as
+    `DecodedCropDataset` draws them (same generator, same image size)."""
+
+    def __init__(self, base: ImageFolder, augmentation: MultiCropAugmentation, seed: int = 0):
+        if not hasattr(base, "encoded"):
+            raise TypeError(f"decoding on the device needs an ImageFolder-like dataset with encoded(), "
+                            f"not {type(base).__name__}")
+        super().__init__(base, augmentation, seed)
+
+    def __getitem__(self, key: tuple[int, int]) -> EncodedSample:
+        epoch, index = key
+        image, _ = self.base.encoded(index)
+        params = self.augmentation.draw(image.width, image.height, sample_rng(self.seed, epoch, index))
+        return EncodedSample(image, params, (epoch, index))
+
+    def decoded(self, key: tuple[int, int]) -> tuple[torch.Tensor, list[CropParams]]:
+        """What the workers' decoding path gives for ``key`` (uint8 (3, H, W), its crops' params), made here."""
+        epoch, index = key
+        image, _ = self.base[index]
+        return TF.pil_to_tensor(image), self.augmentation.draw(image.width, image.height,
+                                                               sample_rng(self.seed, epoch, index))
+
+
+def collate_encoded(samples: list[EncodedSample]) -> EncodedBatch:
+    """Stack what can be stacked; the bytes stay a list (their lengths differ)."""
+    return EncodedBatch([s.image.data for s in samples], [s.image.is_jpeg for s in samples],
+                        torch.tensor([[s.image.height, s.image.width] for s in samples], dtype=torch.int64),
+                        torch.tensor([s.key for s in samples], dtype=torch.int64),
+                        [s.image.path for s in samples], pack_params([s.params for s in samples]))
+
+
+def decode_jpegs(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
+    """Each JPEG's RGB pixels, uint8 (3, h, w) on ``device`` (one batched decode), or
+    None where that file fails to decode there (found by decoding one at a time
+    when the batched call fails)."""
+    if not data:
+        return []
+    try:
+        return list(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+    except RuntimeError:
+        pass
+    decoded: list[torch.Tensor | None] = []
+    for item in data:
+        try:
+            decoded.append(decode_jpeg(item, mode=ImageReadMode.RGB, device=device))
+        except RuntimeError:
+            decoded.append(None)
+    return decoded
+
+
+class DecodeThenCrop:
+    """``(EncodedBatch, device)`` -> the crops, list of float (B, 3, S, S) on the device:
+    decode there (`decode_jpegs`), pad into one uint8 batch, then ``crop(images, params)``
+    (a `pretrain.batch_augment.BatchMultiCrop`)."""
+
+    def __init__(self, dataset: EncodedCropDataset, crop):
+        self.dataset, self.crop = dataset, crop
+
+    def images(self, batch: EncodedBatch, device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The batch decoded: uint8 (B, 3, H, W) on ``device`` and the crops' params (those of a
+        sample made again, see the module doc, replaced)."""
+        jpegs = [i for i, is_jpeg in enumerate(batch.is_jpeg) if is_jpeg]
+        decoded: list[torch.Tensor | None] = list(batch.data)
+        for i, pixels in zip(jpegs, decode_jpegs([batch.data[i] for i in jpegs], device)):
+            expected = tuple(batch.sizes[i].tolist())
+            decoded[i] = pixels if pixels is not None and tuple(pixels.shape[1:]) == expected else None
+        params = batch.params
+        for i, pixels in enumerate(decoded):
+            if pixels is None:
+                decoded[i], params = self.remake(batch, i, params)
+        height = max(pixels.shape[1] for pixels in decoded)
+        width = max(pixels.shape[2] for pixels in decoded)
+        images = torch.zeros(len(decoded), 3, height, width, dtype=torch.uint8, device=device)
+        for slot, pixels in enumerate(decoded):
+            images[slot, :, :pixels.shape[1], :pixels.shape[2]] = pixels.to(device, non_blocking=True)
+        return images, params
+
+    def remake(self, batch: EncodedBatch, i: int, params: dict[str, torch.Tensor]):
+        """Sample ``i``, whose JPEG body did not decode on the device: PIL's pixels of the same file
+        (same size, same params), or, when PIL fails too, the sample the workers make of a bad file."""
+        path = batch.paths[i]
+        base = self.dataset.base
+        try:
+            return TF.pil_to_tensor(load_rgb(path, base.max_pixels)), params
+        except BadImageError as error:
+            if not base.skip_bad:
+                raise
+            base.note_bad(path, error.reason)
+        epoch, index = batch.keys[i].tolist()
+        pixels, crop_params = self.dataset.decoded((epoch, index))
+        single = pack_params([crop_params])
+        params = {name: value.clone() for name, value in params.items()}
+        for name, value in single.items():
+            params[name][:, i] = value[:, 0]
+        return pixels, params
+
+    def __call__(self, batch: EncodedBatch, device: torch.device) -> list[torch.Tensor]:
+        images, params = self.images(batch, device)
+        return self.crop(images, params)
