@@ -40,12 +40,17 @@ class EncodedSample(NamedTuple):
 
 
 class EncodedBatch(NamedTuple):
-    """B samples: ``data[i]`` JPEG bytes (1-D uint8) where ``is_jpeg[i]``, else
-    decoded pixels uint8 (3, h_i, w_i); ``sizes`` (B, 2) int64 (height, width);
+    """B samples, J of them JPEGs: ``jpeg_bytes`` their files one after the other
+    (1-D uint8; one tensor, so a batch crosses from a worker in one shared-memory
+    block, not one per file), ``jpeg_ends`` (J,) int64 where each file ends in it;
+    ``pixels`` the other B - J samples' decoded pixels, uint8 (3, h, w), in batch
+    order; ``is_jpeg`` (B,) bool; ``sizes`` (B, 2) int64 (height, width);
     ``keys`` (B, 2) int64 (epoch, index); ``paths`` the files read; ``params``
     `pack_params` of the crops."""
-    data: list[torch.Tensor]
-    is_jpeg: list[bool]
+    jpeg_bytes: torch.Tensor
+    jpeg_ends: torch.Tensor
+    pixels: list[torch.Tensor]
+    is_jpeg: torch.Tensor
     sizes: torch.Tensor
     keys: torch.Tensor
     paths: list[str]
@@ -78,8 +83,12 @@ class EncodedCropDataset(MultiCropDataset):
 
 
 def collate_encoded(samples: list[EncodedSample]) -> EncodedBatch:
-    """Stack what can be stacked; the bytes stay a list (their lengths differ)."""
-    return EncodedBatch([s.image.data for s in samples], [s.image.is_jpeg for s in samples],
+    """Concatenate the JPEG files, stack the rest."""
+    jpegs = [s.image.data for s in samples if s.image.is_jpeg]
+    ends = torch.tensor([len(data) for data in jpegs], dtype=torch.int64).cumsum(0)
+    return EncodedBatch(torch.cat(jpegs) if jpegs else torch.empty(0, dtype=torch.uint8), ends,
+                        [s.image.data for s in samples if not s.image.is_jpeg],
+                        torch.tensor([s.image.is_jpeg for s in samples], dtype=torch.bool),
                         torch.tensor([[s.image.height, s.image.width] for s in samples], dtype=torch.int64),
                         torch.tensor([s.key for s in samples], dtype=torch.int64),
                         [s.image.path for s in samples], pack_params([s.params for s in samples]))
@@ -115,11 +124,13 @@ class DecodeThenCrop:
     def images(self, batch: EncodedBatch, device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The batch decoded: uint8 (B, 3, H, W) on ``device`` and the crops' params (those of a
         sample made again, see the module doc, replaced)."""
-        jpegs = [i for i, is_jpeg in enumerate(batch.is_jpeg) if is_jpeg]
-        decoded: list[torch.Tensor | None] = list(batch.data)
-        for i, pixels in zip(jpegs, decode_jpegs([batch.data[i] for i in jpegs], device)):
-            expected = tuple(batch.sizes[i].tolist())
-            decoded[i] = pixels if pixels is not None and tuple(pixels.shape[1:]) == expected else None
+        starts = [0] + batch.jpeg_ends.tolist()
+        files = [batch.jpeg_bytes[start:end] for start, end in zip(starts, starts[1:])]
+        from_device, others = iter(decode_jpegs(files, device)), iter(batch.pixels)
+        decoded: list[torch.Tensor | None] = []
+        for is_jpeg, size in zip(batch.is_jpeg.tolist(), batch.sizes.tolist()):
+            pixels = next(from_device) if is_jpeg else next(others)
+            decoded.append(pixels if pixels is not None and list(pixels.shape[1:]) == size else None)
         params = batch.params
         for i, pixels in enumerate(decoded):
             if pixels is None:

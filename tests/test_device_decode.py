@@ -131,7 +131,10 @@ def test_device_decode_equals_worker_decode(mixed_folder, tmp_path, workers):
     encoded = EncodedCropDataset(base, augmentation, seed=5)
     decode = DecodeThenCrop(encoded, crop)
     batches = loader_batches(encoded, collate_encoded, workers)
-    assert sum(sum(batch.is_jpeg) for batch in batches) == 8  # 6 RGB, 2 gray JPEGs (truncated included)
+    assert sum(int(batch.is_jpeg.sum()) for batch in batches) == 8  # 6 RGB, 2 gray JPEGs (truncated included)
+    assert sum(len(batch.pixels) for batch in batches) == 4  # CMYK JPEGs and PNGs: decoded by the workers
+    for batch in batches:
+        assert batch.jpeg_ends[-1] == len(batch.jpeg_bytes)
     for batch, want in zip(batches, expected, strict=True):
         got = decode(batch, torch.device("cpu"))
         assert len(got) == len(want) == 5
