@@ -189,7 +189,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     extractor, _ = extractor_from_args(args)
     scores = run_attention_masks(extractor.model, args.voc, args.split, args.masks, args.image_size, args.resize,
-                                 args.mass, args.batch_size, args.num_workers, extractor.device)
+                                 args.mass, args.batch_size, extractor.num_workers, extractor.device)
     print(f"VOC12 {args.split} Jaccard ({args.masks} masks, mass {args.mass:g}, {args.resize} "
           f"{args.image_size}): {scores['voc12_jaccard']:.2f}")
     if args.json:

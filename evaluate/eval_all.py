@@ -249,7 +249,7 @@ def outcome_line(evaluation: Evaluation, outcome: Outcome) -> str:
 
 
 def evaluate_all(subject: Subject, data_root, out=None, options: EvalOptions = EvalOptions(), force: bool = False,
-                 seed: int = 0, batch_size: int = 64, num_workers: int = 2, fp32: bool = False,
+                 seed: int = 0, batch_size: int | None = None, num_workers: int | None = None, fp32: bool = False,
                  progress: bool = True, log=print) -> list[Outcome]:
     """Plan, then run every evaluator of ``subject`` on ``data_root`` into ``out``; one line per evaluator.
 
@@ -305,8 +305,10 @@ def main(argv=None) -> int:
     parser.add_argument("--linear-cached", type=int, choices=(0, 1), default=None,
                         help="1: cached un-augmented features (suite default), 0: augmented crops (paper)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=64, help="feature extraction batch")
-    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="feature extraction batch (default: 256 on CUDA, 64 on the CPU)")
+    parser.add_argument("--num-workers", type=int, default=None,
+                        help="loader workers (default: up to 8 on CUDA, 2 on the CPU)")
     parser.add_argument("--fp32", action="store_true", help="no bf16 autocast on CUDA (the CPU is always fp32)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     args = parser.parse_args(argv)

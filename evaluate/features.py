@@ -168,6 +168,14 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def extraction_defaults(device: torch.device) -> tuple[int, int]:
+    """(batch size, loader workers) for extraction on ``device``: on CUDA 256 images a batch (bf16 ViT-S/16
+    extracts thousands of images/s there) and up to 8 workers to decode and resize for it; on the CPU 64 and 2."""
+    if device.type == "cuda":
+        return 256, min(8, os.cpu_count() or 1)
+    return 64, 2
+
+
 @dataclass
 class FeatureExtractor:
     """A frozen backbone plus how to extract from it: device, batch, precision, cache.
@@ -182,8 +190,8 @@ class FeatureExtractor:
     """
     model: nn.Module
     device: torch.device | str | None = None
-    batch_size: int = 64
-    num_workers: int = 2
+    batch_size: int | None = None  # None: `extraction_defaults`
+    num_workers: int | None = None
     fp32: bool = False
     cache_dir: str | os.PathLike | None = None
     progress: bool = True
@@ -193,6 +201,9 @@ class FeatureExtractor:
 
     def __post_init__(self):
         self.device = torch.device(self.device) if self.device is not None else default_device()
+        batch_size, num_workers = extraction_defaults(self.device)
+        self.batch_size = self.batch_size or batch_size
+        self.num_workers = num_workers if self.num_workers is None else self.num_workers
         self.model = self.model.eval().to(self.device)
 
     @property
@@ -282,7 +293,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, batch_size: int = 64) -
     """The flags every evaluator shares: model source, extraction, cache, output."""
     add_model_source_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=batch_size)
-    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--num-workers", type=int, default=None,
+                        help="loader workers (default: up to 8 on CUDA, 2 on the CPU)")
     parser.add_argument("--fp32", action="store_true", help="no bf16 autocast on CUDA (the CPU is always fp32)")
     parser.add_argument("--cache-dir", default=None,
                         help="feature cache folder (default results/<run>/features)")

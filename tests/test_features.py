@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from data.errors import UserError
 from data.imagefolder import ImageFolder
 from evaluate.descriptors import copy_detection_descriptor
-from evaluate.features import FeatureExtractor, FeatureSpec, ImageList, rescale, run_name, weights_fingerprint
+from evaluate.features import (FeatureExtractor, FeatureSpec, ImageList, extraction_defaults, rescale, run_name,
+                               weights_fingerprint)
 from pretrain.augment import eval_transform
 from pretrain.checkpoint import atomic_save
 
@@ -157,3 +158,13 @@ def test_rescale_keeps_at_least_one_patch_per_side():
     model = tiny_vit()
     with torch.no_grad():
         assert FeatureSpec("cls", scales=(1.0, 0.5))(model, torch.randn(1, 3, 9, 80)).shape == (1, 32)
+
+
+def test_extraction_defaults_follow_the_device(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert extraction_defaults(torch.device("cuda")) == (256, 8)
+    assert extraction_defaults(torch.device("cpu")) == (64, 2)
+    extractor = FeatureExtractor(tiny_vit(), "cpu")
+    assert (extractor.batch_size, extractor.num_workers) == (64, 2)
+    extractor = FeatureExtractor(tiny_vit(), "cpu", batch_size=5, num_workers=0)
+    assert (extractor.batch_size, extractor.num_workers) == (5, 0)
