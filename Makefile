@@ -104,6 +104,7 @@ bench: $(STAMP)
 	$(PY) -m bench.train_throughput
 	$(PY) -m bench.augment_throughput
 	$(PY) -m bench.end_to_end
+	$(PY) -m bench.end_to_end --preset demo
 	$(PY) -m bench.eval_throughput
 	$(PY) -m bench.davis_propagation
 	$(PY) -m bench.reliability_overhead

@@ -1,8 +1,8 @@
 """End-to-end training throughput from JPEG files: the official choices against our default path.
 
-    python -m bench.end_to_end [--arch vit_small] [--patch 16] [--global-size 224] [--local-size 96]
-                               [--locals 10] [--out-dim 65536] [--batch 4] [--steps 3] [--warmup 1]
-                               [--workers N] [--device auto] [--threads N]
+    python -m bench.end_to_end [--preset paper|demo] [--arch vit_small] [--patch 16] [--global-size 224]
+                               [--local-size 96] [--locals 10] [--out-dim 65536] [--batch 4] [--steps 3]
+                               [--warmup 1] [--workers N] [--device auto] [--threads N]
 
 What a pretraining run does per step, measured whole: the `pretrain.trainer.Trainer`'s
 own DataLoader reads 500x375 photo-like JPEGs (`bench.augment_throughput.photo_like`,
@@ -15,17 +15,21 @@ step alone on ready crops). Rows, each in its own process (its own peak memory):
   of `bench.train_throughput.official_choices` (explicit attention, per-parameter
   AdamW, clipping and EMA loops, a host read of the loss per step, fp16 + scaler
   on CUDA);
-* **ours**: the trainer's defaults (``--augment-on auto --decode-on auto``: on
-  CUDA the workers only read bytes and the batch is decoded by nvJPEG and
-  augmented on the GPU; on the CPU the workers run the PIL pipeline);
+* **ours**: the preset's own pipeline (paper: ``--augment-on auto --decode-on
+  auto``, so on CUDA the workers only read bytes and the batch is decoded by
+  nvJPEG and augmented on the GPU, and on the CPU the workers run the PIL
+  pipeline; demo: augmented in the training process) and our step;
 * **ours-device** (on the CPU, where it is not already the default): ours with
   ``--augment-on device --decode-on device``, the GPU path run on the CPU.
 
-Columns: images/s over ``--steps`` timed steps after ``--warmup`` untimed ones
-(the workers' prefetch queue is filled during the warm-up, so a pipeline
-slower than the step shows), where the crops are made and decoded, peak
-memory (CUDA: ``max_memory_allocated``; CPU: the training process's maximum
-resident set, the workers not included), and the ratio to the baseline.
+``--preset demo`` runs the demo preset as it is (its model, crops and
+pipeline) on 32-px PNGs of the suite, batch 64, 20 steps; the size flags are
+then ignored. Columns: images/s over ``--steps`` timed steps after
+``--warmup`` untimed ones (the workers' prefetch queue is filled during the
+warm-up, so a pipeline slower than the step shows), where the crops are made
+and decoded, peak memory (CUDA: ``max_memory_allocated``; CPU: the training
+process's maximum resident set, the workers not included), and the ratio to
+the baseline.
 """
 from __future__ import annotations
 
@@ -43,6 +47,7 @@ import numpy as np
 import torch
 
 from bench.augment_throughput import photo_like
+from data.suite import render_object_image
 from bench.train_throughput import official_choices, synchronize, variant_precision
 from pretrain.backbones import VIT_SPECS
 from pretrain.config import resolve
@@ -55,35 +60,46 @@ RESULT_TAG = "E2E-RESULT "
 UNIQUE_IMAGES = 32  # distinct JPEGs written; the folder repeats them (hard links) to the size a run reads
 
 
-def write_jpegs(root: str, count: int) -> str:
-    """``count`` JPEG files in ``root/c``: `UNIQUE_IMAGES` photo-like ones, hard-linked round to ``count``."""
+def write_images(root: str, count: int, kind: str = "jpeg") -> str:
+    """``count`` files in ``root/c``: `UNIQUE_IMAGES` distinct ones (``jpeg``: photo-like 500x375
+    JPEGs; ``suite``: 32-px PNGs of the generated suite), hard-linked round to ``count``."""
     os.makedirs(f"{root}/c", exist_ok=True)
     rng = np.random.default_rng(0)
+    suffix = ".jpg" if kind == "jpeg" else ".png"
     for i in range(count):
-        path = f"{root}/c/{i:06d}.jpg"
-        if i < UNIQUE_IMAGES:
+        path = f"{root}/c/{i:06d}{suffix}"
+        if i >= UNIQUE_IMAGES:
+            os.link(f"{root}/c/{i % UNIQUE_IMAGES:06d}{suffix}", path)
+        elif kind == "jpeg":
             photo_like(rng).save(path, quality=90)
         else:
-            os.link(f"{root}/c/{i % UNIQUE_IMAGES:06d}.jpg", path)
+            render_object_image(rng, i % 10, 32)[0].save(path)
     return root
 
 
 def variant_settings(variant: str, device: torch.device) -> dict:
-    """Trainer options of a variant (precision, where crops are made and decoded)."""
-    pipeline = {"baseline": dict(augment_on="loader", decode_on="loader"),
-                "ours": dict(augment_on="auto", decode_on="auto"),
+    """Trainer options of a variant: its precision and, but for ours (the preset's own choice), where
+    the crops are made and decoded."""
+    pipeline = {"baseline": dict(augment_on="loader", decode_on="loader"), "ours": {},
                 "ours-device": dict(augment_on="device", decode_on="device")}[variant]
     return dict(precision=variant_precision("baseline" if variant == "baseline" else "ours", device), **pipeline)
+
+
+def bench_config(args: argparse.Namespace, data: str, output_dir: str, variant: str, device: torch.device):
+    """The run's config: ``--preset paper`` with the sizes of the flags, or the demo preset as it is."""
+    common = dict(data=data, output_dir=output_dir, batch_size_per_gpu=args.batch, num_workers=args.workers,
+                  **variant_settings(variant, device))
+    if args.preset == "demo":
+        return resolve("demo", **common)
+    return resolve("paper", arch=args.arch, patch_size=args.patch, global_crops_size=args.global_size,
+                   local_crops_size=args.local_size, local_crops_number=args.locals, out_dim=args.out_dim, **common)
 
 
 def run_variant(variant: str, args: argparse.Namespace, device: torch.device) -> dict:
     steps = args.warmup + args.steps
     with tempfile.TemporaryDirectory() as tmp:
-        data = write_jpegs(tmp + "/data", args.batch * steps)
-        cfg = resolve("paper", arch=args.arch, patch_size=args.patch, global_crops_size=args.global_size,
-                      local_crops_size=args.local_size, local_crops_number=args.locals, out_dim=args.out_dim,
-                      data=data, output_dir=tmp + "/run", batch_size_per_gpu=args.batch, num_workers=args.workers,
-                      **variant_settings(variant, device))
+        data = write_images(tmp + "/data", args.batch * steps, "suite" if args.preset == "demo" else "jpeg")
+        cfg = bench_config(args, data, tmp + "/run", variant, device)
         trainer = Trainer(cfg, DistInfo(device=device))
         trainer.lr_schedule = [5e-4] * (steps + 1)  # flat at a real run's values (bench.train_throughput)
         trainer.wd_schedule = [0.04] * (steps + 1)
@@ -109,7 +125,9 @@ def run_variant(variant: str, args: argparse.Namespace, device: torch.device) ->
             seconds = (time.perf_counter() - start) / args.steps
         memory = peak_memory_gb(device)
         del batches, loader
-    return {"variant": variant, "images_per_s": args.batch / seconds, "step_s": seconds, "peak_memory_gb": memory,
+    crops = f"2x{cfg.global_crops_size}+{cfg.local_crops_number}x{cfg.local_crops_size}"
+    return {"variant": variant, "images_per_s": args.batch / seconds, "arch": f"{cfg.arch}/{cfg.patch_size}",
+            "crops": crops, "step_s": seconds, "peak_memory_gb": memory,
             "augment_on": trainer.augment_on, "decode_on": trainer.decode_on}
 
 
@@ -125,6 +143,8 @@ def variant_in_subprocess(variant: str, argv: list[str]) -> dict:
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="paper", choices=("paper", "demo"),
+                        help="paper: the sizes below on 500x375 JPEGs; demo: the demo preset on 32-px suite PNGs")
     parser.add_argument("--arch", default="vit_small", choices=sorted(VIT_SPECS))
     parser.add_argument("--patch", type=int, default=16, choices=(16, 8))
     parser.add_argument("--global-size", type=int, default=224, help="global crop side (2 per image)")
@@ -143,9 +163,10 @@ def parse_args(argv):
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     on_cuda = args.device == "cuda"
-    args.batch = args.batch or (128 if on_cuda else 4)
-    args.steps = args.steps or (20 if on_cuda else 3)
-    args.warmup = args.warmup if args.warmup is not None else (5 if on_cuda else 1)
+    demo = args.preset == "demo"
+    args.batch = args.batch or (128 if on_cuda else 64 if demo else 4)
+    args.steps = args.steps or (20 if on_cuda or demo else 3)
+    args.warmup = args.warmup if args.warmup is not None else (5 if on_cuda or demo else 1)
     args.workers = args.workers if args.workers is not None else (min(10, os.cpu_count() or 1) if on_cuda else 1)
     args.threads = args.threads or torch.get_num_threads()
     return args
@@ -153,11 +174,12 @@ def parse_args(argv):
 
 def compare(args: argparse.Namespace, argv: list[str]) -> list[dict]:
     device = torch.device(args.device)
-    variants = ["baseline", "ours"] + (["ours-device"] if device.type == "cpu" else [])
+    variants = ["baseline", "ours"] + (["ours-device"] if device.type == "cpu" and args.preset == "paper" else [])
     rows = [variant_in_subprocess(variant, argv) for variant in variants]
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {args.threads} threads"
-    print(f"end to end from JPEG files: {args.arch}/{args.patch}, 2x{args.global_size} + {args.locals}x"
-          f"{args.local_size}, batch {args.batch}, {args.workers} loader workers, {name}")
+    files = "32-px PNGs" if args.preset == "demo" else "500x375 JPEGs"
+    print(f"end to end from {files}, {args.preset} preset: {rows[0]['arch']}, {rows[0]['crops']}, batch {args.batch}, "
+          f"{args.workers} loader workers, {name}")
     print(f"{'variant':<13}{'crops on':<10}{'decode on':<11}{'images/s':>10}{'step s':>9}{'peak GB':>9}"
           f"{'vs baseline':>13}")
     for row in rows:

@@ -11,8 +11,8 @@ TINY = ["--arch", "vit_tiny", "--global-size", "32", "--local-size", "16", "--lo
         "--batch", "2", "--steps", "1", "--warmup", "1", "--device", "cpu", "--workers", "0"]
 
 
-def test_write_jpegs_repeats_unique_images_by_hard_link(tmp_path):
-    root = end_to_end.write_jpegs(str(tmp_path), end_to_end.UNIQUE_IMAGES + 3)
+def test_write_images_repeats_unique_images_by_hard_link(tmp_path):
+    root = end_to_end.write_images(str(tmp_path), end_to_end.UNIQUE_IMAGES + 3)
     files = sorted(os.listdir(f"{root}/c"))
     assert len(files) == end_to_end.UNIQUE_IMAGES + 3
     first, repeat = os.stat(f"{root}/c/{files[0]}"), os.stat(f"{root}/c/{files[end_to_end.UNIQUE_IMAGES]}")
@@ -23,7 +23,7 @@ def test_variant_settings_follow_the_variants():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert end_to_end.variant_settings("baseline", cuda) == dict(precision="fp16", augment_on="loader",
                                                                  decode_on="loader")
-    assert end_to_end.variant_settings("ours", cuda) == dict(precision="auto", augment_on="auto", decode_on="auto")
+    assert end_to_end.variant_settings("ours", cuda) == dict(precision="auto")  # the preset's own pipeline
     assert end_to_end.variant_settings("ours-device", cpu)["decode_on"] == "device"
 
 
@@ -43,3 +43,13 @@ def test_augment_bench_rows(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[2] for line in lines[2:]] == ["pil", "batched-cpu", "decode+draw", "read+draw"]
     assert lines[2].split()[-1] == "1.00x"
+
+
+def test_end_to_end_bench_demo_preset(capsys):
+    end_to_end.main(["--preset", "demo", "--batch", "4", "--steps", "1", "--warmup", "1", "--device", "cpu",
+                     "--workers", "0"])
+    lines = capsys.readouterr().out.splitlines()
+    assert "demo preset: vit/8, 2x32+4x16" in lines[0]
+    rows = {line.split()[0]: line.split() for line in lines[2:]}
+    assert list(rows) == ["baseline", "ours"]
+    assert rows["baseline"][1:3] == ["loader", "loader"] and rows["ours"][1:3] == ["device", "loader"]
