@@ -19,14 +19,14 @@ by PIL's roundings (tests/test_batch_augment.py states the bounds):
   for crops whose height shrinks more than twice as much as their width,
   which changes only pixels where the first pass overshoots and is clamped).
   Each pass is, for every output row of every crop, a weighted sum of K rows
-  of a table (`embedding_bag`); on the CPU the horizontal pass runs one crop
-  at a time (its intermediate stays in cache) and the vertical pass's table
-  holds only each crop's own rows.
+  of a table (`embedding_bag`); on the CPU both passes run one crop at a time
+  on tables of that crop's own pixels (its region, then its intermediate,
+  both in cache) with its own K, straight into the output tensor.
 * flip: the horizontal taps of flipped crops are read in reverse order.
 * colour jitter, position by position (p = 0..3): the op at position p of
   each jittered crop. Brightness, contrast and saturation are blends
   x <- clamp(t + f (x - t), 0, 1) towards t = 0, the mean luma of the crop,
-  and the luma image; hue rotates the HSV hue by d turns, d rounded towards
+  and the luma image; hue rotates the HSV hue by d turns (`rotate_hue`), d rounded towards
   zero to PIL's steps of 1/255 turn (no change where that is 0, where PIL
   still makes its lossy 8-bit HSV round trip).
 * grayscale: luma Y = 0.299 R + 0.587 G + 0.114 B (ITU-R 601-2) in all channels.
@@ -36,9 +36,15 @@ by PIL's roundings (tests/test_batch_augment.py states the bounds):
   weights 1 on |i| <= l and a on |i| = l + 1, over 2l + 1 + 2a; edge pixels
   repeat, as in PIL.
 * solarize: x -> 1 - x where x >= 128/255; normalise: (x - mean) / std.
+
+On the CPU nothing but the outputs is allocated per call (`Scratch`: a fresh
+block of a few MiB costs more in page faults than most ops that fill it),
+and the steps after the resize run in place on chunks of crops that fit in
+cache (``CPU_CHUNK_BYTES``).
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -52,6 +58,35 @@ from .augment import (IMAGENET_MEAN, IMAGENET_STD, DecodedBatch, DecodedCropData
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)
 BLUR_PASSES = 3
 HUE_STEPS = 255  # PIL stores hue in uint8: one step is 1/255 turn
+CPU_CHUNK_BYTES = 2**22  # crops per chunk on the CPU: 4 MiB of (3, S, S) float crops, about an L2 cache's worth
+
+
+# ---------------------------------------------------------------- scratch buffers
+class Scratch:
+    """Named float work buffers: ``scratch(name, shape, device)`` -> a tensor of that shape.
+
+    With ``keep`` (the CPU pipeline) each name's buffer is kept and reused by
+    the next call of that name (grown when too small), so no pass allocates:
+    a fresh block of a few MiB costs a page fault per 4 KiB on first touch
+    (glibc gives such blocks back to the system on free), often more than the
+    op that fills it. Without ``keep`` every call is a fresh ``torch.empty``.
+    A caller owns a name's contents only until its next request of that name."""
+
+    def __init__(self, keep: bool = False):
+        self.keep = keep
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def __call__(self, name: str, shape, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        numel = math.prod(shape)
+        flat = self.buffers.get(name)
+        if flat is None or flat.numel() < numel or flat.device != device or flat.dtype != dtype:
+            flat = torch.empty(numel, device=device, dtype=dtype)
+            if self.keep:
+                self.buffers[name] = flat
+        return flat[:numel].view(shape)
+
+
+FRESH = Scratch()  # no reuse: every buffer a fresh tensor
 
 
 # ---------------------------------------------------------------- crop + resize
@@ -86,79 +121,123 @@ def resample_taps(start: torch.Tensor, length: torch.Tensor, size: int) -> tuple
     return index, weight.float()
 
 
+# embedding_bag's out= variant (an ATen op without a Python wrapper): its result written into a given buffer
+EMBEDDING_BAG_OUT = getattr(getattr(torch.ops.aten, "_embedding_bag_forward_only", None), "out", None)
+
+
 def weighted_rows(table: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """out[r] = sum_k weight[r, k] * table[index[r, k]]: (R, K) CPU taps -> (R, table columns)."""
     device = table.device
     return F.embedding_bag(index.to(device), table, per_sample_weights=weight.to(device), mode="sum")
 
 
-def source_planes(images: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> float (B * 3, W, H): the images' planes transposed,
+def source_planes(images: torch.Tensor, out: torch.Tensor | None = None,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> (B * 3, W, H) of ``dtype``: the images' planes transposed,
     so that the horizontal pass reads one table row per (image, channel, column).
-    Written into ``out`` where it is given and has that shape."""
+    Written into ``out`` where it is given and has that shape and dtype."""
     batch, channels, height, width = images.shape
     shape = (batch * channels, width, height)
-    if out is None or out.shape != shape or out.device != images.device:
-        out = torch.empty(shape, device=images.device)
+    if out is None or out.shape != shape or out.device != images.device or out.dtype != dtype:
+        out = torch.empty(shape, device=images.device, dtype=dtype)
     return out.copy_(images.flatten(0, 1).transpose(1, 2))
 
 
+def bags_into(table: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """`weighted_rows` (R, K taps) into ``out`` (R, table columns) on the CPU, by embedding_bag's
+    out= variant where there is one (the same kernel: the same sums in the same order)."""
+    if EMBEDDING_BAG_OUT is None:
+        return out.copy_(weighted_rows(table, index, weight))
+    rows, taps = index.shape
+    aux = [torch.empty(0, dtype=torch.long) for _ in range(3)]  # offset2bag, bag sizes, max indices
+    return EMBEDDING_BAG_OUT(table, index.reshape(-1), torch.arange(0, rows * taps, taps), False, 0, False,
+                             weight.reshape(-1), False, -1, out0=out, out1=aux[0], out2=aux[1], out3=aux[2])[0]
+
+
 def resize_crops(source: torch.Tensor, owner: torch.Tensor, box: torch.Tensor, flip: torch.Tensor,
-                 size: int, per_crop: bool | None = None) -> torch.Tensor:
+                 size: int, per_crop: bool | None = None, scratch: Scratch = FRESH,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
     """Crop ``box[n]`` (top, left, height, width) of image ``owner[n]``, resize it
     to ``size`` x ``size`` (PIL's antialiased bicubic) and mirror it where
-    ``flip[n]``. ``source``: `source_planes` of the images (any device);
-    ``owner``, ``box``, ``flip``: CPU tensors (N,), (N, 4), (N,). Returns float
-    (N, 3, size, size) in [0, 1].
+    ``flip[n]``. ``source``: `source_planes` of the images (any device; uint8
+    or float for ``per_crop``, float otherwise); ``owner``, ``box``, ``flip``:
+    CPU tensors (N,), (N, 4), (N,). Returns float (N, 3, size, size) in
+    [0, 1]: ``out`` where given (contiguous).
 
-    ``per_crop`` (default: on the CPU) runs the horizontal pass one crop at a
-    time, so that its (3, size, H) intermediate stays in cache while crop n's
-    rows [top, top + height) (the only ones its vertical taps read) are
-    transposed out of it; otherwise all crops and all H rows go in one call."""
+    ``per_crop`` (default: on the CPU) runs both passes one crop at a time,
+    each on tables holding only what the crop's taps read, with the crop's own
+    number of taps (dropped taps weigh 0: adding 0 w changes no sum), so that
+    nothing outside the crop is computed and every intermediate stays in
+    cache: the horizontal pass reads the crop's region (columns
+    [left, left + width) of rows [top, top + height), converted to float),
+    the vertical pass the crop's (3 height, size) transposed intermediate; no
+    result is allocated (`Scratch` buffers and ``out``). Otherwise all crops
+    and all H rows of their images go through each pass in one call."""
     channels = 3
     _, width, height = source.shape
-    table = source.view(-1, height)
     per_crop = source.device.type == "cpu" if per_crop is None else per_crop
-    planes = (owner[:, None] * channels + torch.arange(channels)).flatten()  # source plane of each output plane
     x_index, x_weight = resample_taps(box[:, 1], box[:, 3], size)
     x_index = torch.where(flip[:, None, None], x_index.flip(1), x_index)
     x_weight = torch.where(flip[:, None, None], x_weight.flip(1), x_weight)
     y_index, y_weight = resample_taps(box[:, 0], box[:, 2], size)
+    if per_crop:
+        out = torch.empty(len(owner), channels, size, size) if out is None else out
+        tops, lefts, heights, widths = box.unbind(1)
+        # horizontal: crop n's table rows (channel, x - left), columns y - top -> rows (channel, j)
+        x_rows = ((x_index - lefts[:, None, None])[:, None] + (widths[:, None] * torch.arange(channels))[..., None, None])
+        x_rows = x_rows.flatten(1, 2)  # (N, 3 size, K)
+        x_taps = ((x_weight != 0).any(1).int().cumsum(1).argmax(1) + 1).tolist()  # the rest weigh 0
+        x_weights = x_weight.repeat(1, channels, 1)
+        # vertical: crop n's table rows (channel, y - top), columns j -> rows (channel, i); 1/255 in the weights
+        y_rows = ((y_index - tops[:, None, None])[:, None] + (heights[:, None] * torch.arange(channels))[..., None, None])
+        y_rows = y_rows.flatten(1, 2)
+        y_taps = ((y_weight != 0).any(1).int().cumsum(1).argmax(1) + 1).tolist()
+        y_weights = (y_weight / 255).repeat(1, channels, 1)
+        region = scratch("region", (channels * int((heights * widths).max()),), source.device)
+        across = scratch("across", (channels * size * int(heights.max()),), source.device)
+        down_table = scratch("down_table", (channels * int(heights.max()) * size,), source.device)
+        for n, (image, top, left, count, span, kx, ky) in enumerate(zip(
+                owner.tolist(), tops.tolist(), lefts.tolist(), heights.tolist(), widths.tolist(), x_taps, y_taps)):
+            crop_table = region[:channels * span * count].view(channels * span, count)
+            crop_table.view(channels, span, count).copy_(
+                source[image * channels:(image + 1) * channels, left:left + span, top:top + count])
+            done = bags_into(crop_table, x_rows[n, :, :kx], x_weights[n, :, :kx],
+                             across[:channels * size * count].view(channels * size, count))
+            crop_down = down_table[:channels * count * size].view(channels, count, size)
+            crop_down.copy_(done.view(channels, size, count).transpose(1, 2)).clamp_(0, 255)
+            bags_into(crop_down.view(-1, size), y_rows[n, :, :ky], y_weights[n, :, :ky], out[n].view(-1, size)).clamp_(0, 1)
+        return out
     # horizontal pass: rows (image, channel, x) -> rows (crop, channel, j), columns y, transposed (and
-    # clamped) into the vertical pass's table: rows (crop, channel, y) for y in [top, top + rows) of crop n
+    # clamped) into the vertical pass's table: rows (crop, channel, y)
+    table = source.view(-1, height)
+    planes = (owner[:, None] * channels + torch.arange(channels)).flatten()  # source plane of each output plane
     rows = (x_index.repeat_interleave(channels, 0) + (planes * width)[:, None, None]).flatten(0, 1)
     weights = x_weight.repeat_interleave(channels, 0).flatten(0, 1)
-    tops = box[:, 0] if per_crop else torch.zeros_like(box[:, 0])
-    kept = box[:, 2] if per_crop else torch.full_like(box[:, 2], height)
-    first = (kept.cumsum(0) - kept) * channels  # crop n's first row in the table
-    down_table = torch.empty(channels * int(kept.sum()), size, device=table.device)
-    if per_crop:
-        step = channels * size
-        for n, (top, count, start) in enumerate(zip(tops.tolist(), kept.tolist(), first.tolist())):
-            across = weighted_rows(table, rows[n * step:(n + 1) * step], weights[n * step:(n + 1) * step])
-            down_table[start:start + channels * count].view(channels, count, size).copy_(
-                across.view(channels, size, height)[:, :, top:top + count].transpose(1, 2))
-    else:
-        across = weighted_rows(table, rows, weights).view(-1, size, height)
-        down_table.view(-1, height, size).copy_(across.transpose(1, 2))
+    across = weighted_rows(table, rows, weights).view(-1, size, height)
+    down_table = torch.empty(channels * len(owner) * height, size, device=table.device)
+    down_table.view(-1, height, size).copy_(across.transpose(1, 2))
     down_table.clamp_(0, 255)
     # vertical pass: rows (crop, channel, y) -> rows (crop, channel, i), columns j; 1/255 in the weights
-    plane_start = first[:, None] + torch.arange(channels) * kept[:, None]  # (N, 3): each plane's first row
-    rows = (y_index - tops[:, None, None]).repeat_interleave(channels, 0) + plane_start.flatten()[:, None, None]
+    plane_start = (torch.arange(len(owner) * channels) * height).view(-1, channels)  # (N, 3): each plane's first row
+    rows = y_index.repeat_interleave(channels, 0) + plane_start.flatten()[:, None, None]
     down = weighted_rows(down_table, rows.flatten(0, 1), y_weight.repeat_interleave(channels, 0).flatten(0, 1) / 255)
-    return down.clamp_(0, 1).view(len(owner), channels, size, size)
+    down = down.clamp_(0, 1).view(len(owner), channels, size, size)
+    return down if out is None else out.copy_(down)
 
 
 # ---------------------------------------------------------------- colour
-def on_rows(x: torch.Tensor, chosen: torch.Tensor, op, *per_row: torch.Tensor) -> torch.Tensor:
-    """x[n] <- op(x[n], per_row[.][n]...) for the rows where the CPU mask ``chosen`` (N,) holds: in place,
-    or op's (contiguous) result itself where it holds for every row."""
+def on_rows(x: torch.Tensor, chosen: torch.Tensor, op, *per_row: torch.Tensor,
+            scratch: Scratch = FRESH) -> torch.Tensor:
+    """x[n] <- op(x[n], per_row[.][n]..., scratch) for the rows where the CPU mask ``chosen`` (N,) holds,
+    in place; where it holds for every row, op's result on x itself (ops work in place where they can).
+    The chosen rows are gathered into the scratch buffer "rows"."""
     if len(x) and bool(chosen.all()):  # every row: no gather and scatter
-        return op(x, *per_row).contiguous()
+        return op(x, *per_row, scratch=scratch)
     rows = chosen.nonzero()[:, 0]
     if len(rows):
         index = rows.to(x.device)
-        x.index_copy_(0, index, op(x.index_select(0, index), *(value[rows] for value in per_row)))
+        picked = torch.index_select(x, 0, index, out=scratch("rows", (len(rows), *x.shape[1:]), x.device))
+        x.index_copy_(0, index, op(picked, *(value[rows] for value in per_row), scratch=scratch))
     return x
 
 
@@ -167,42 +246,51 @@ def per_sample(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return value.to(device=like.device, dtype=like.dtype).view(-1, 1, 1, 1)
 
 
-def luma(x: torch.Tensor) -> torch.Tensor:
-    """(N, 3, H, W) RGB -> (N, 1, H, W) ITU-R 601-2 luma."""
+def luma(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """(N, 3, H, W) RGB -> (N, 1, H, W) ITU-R 601-2 luma (into ``out`` where given)."""
     r, g, b = LUMA_WEIGHTS
-    return (x[:, 0:1] * r).add_(x[:, 1:2], alpha=g).add_(x[:, 2:3], alpha=b)
+    return torch.mul(x[:, 0:1], r, out=out).add_(x[:, 1:2], alpha=g).add_(x[:, 2:3], alpha=b)
 
 
-def to_gray(x: torch.Tensor) -> torch.Tensor:
-    """(N, 3, H, W) -> its luma in all three channels (PIL's grayscale, then RGB)."""
-    return luma(x).expand_as(x)
+def to_gray(x: torch.Tensor, scratch: Scratch = FRESH) -> torch.Tensor:
+    """(N, 3, H, W) -> its luma in all three channels (PIL's grayscale, then RGB), in place."""
+    return x.copy_(luma(x, scratch("luma", (len(x), 1, *x.shape[2:]), x.device)).expand_as(x))
 
 
-def solarize(x: torch.Tensor) -> torch.Tensor:
-    """Values >= 128/255 inverted (x -> 1 - x), as PIL's solarize at threshold 128."""
-    return torch.where(x >= 128 / 255, 1 - x, x)
+def solarize(x: torch.Tensor, scratch: Scratch = FRESH) -> torch.Tensor:
+    """Values >= 128/255 inverted (x -> 1 - x), as PIL's solarize at threshold 128, in place."""
+    return torch.where(x >= 128 / 255, 1 - x, x, out=x)
 
 
-def rotate_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Add ``shift`` (N,) turns to the HSV hue of RGB ``x`` (N, 3, H, W) in [0, 1].
+def rotate_hue(x: torch.Tensor, shift: torch.Tensor, scratch: Scratch = FRESH) -> torch.Tensor:
+    """Add ``shift`` (N,) turns to the HSV hue of RGB ``x`` (N, 3, H, W) in [0, 1], in place.
 
-    With M = max, m = min over channels, C = M - m and the hue in sixths of a
-    turn h = (g - b)/C if r = M, else (b - r)/C + 2 if g = M, else (r - g)/C + 4,
-    channel c of the result is M - C clamp(d_c - 1, 0, 1), d_c the distance
-    around the hue circle (period 6) from h + 6 shift to the channel's hue 2c.
+    With M = max, m = min over channels, C = M - m and the shifted hue in
+    sixths of a turn h = (g - b)/C + 6 shift if r = M, else (b - r)/C + 2 + 6 shift
+    if g = M, else (r - g)/C + 4 + 6 shift, channel c of the result is
+    m + C clamp(|u_c| - 1, 0, 1) with u_c = ((h + 6, 4, 2 for r, g, b) mod 6) - 3, the
+    hue distance from the channel's hue 2c minus 3 (HSV -> RGB: the channel is M
+    within one sixth of its own hue, m beyond two sixths, linear in between).
+    Scratch: five (N, 1, H, W) planes; x is overwritten once h is known.
     """
+    plane = (len(x), 1, *x.shape[2:])
     r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]
-    top = x.amax(1, keepdim=True)
-    chroma = top - x.amin(1, keepdim=True)
-    red = (r == top).to(x.dtype)
-    green = (g == top).to(x.dtype).mul_(1 - red)
-    blue = (1 - red).sub_(green)
-    sixths = (g - b).mul_(red).addcmul_(b - r, green).addcmul_(r - g, blue).div_(chroma.clamp(min=1e-12))
-    sixths.add_(green, alpha=2).add_(blue, alpha=4).add_(per_sample(shift * 6, x))
-    sixths.sub_(torch.floor(sixths * (1 / 6)).mul_(6))
-    distance = (sixths - torch.tensor([0.0, 2.0, 4.0], device=x.device).view(1, 3, 1, 1)).abs_()
-    distance = torch.minimum(distance, (6 - distance), out=distance).clamp_(1, 2).sub_(1)
-    return distance.mul_(-chroma).add_(top)
+    top = torch.amax(x, 1, keepdim=True, out=scratch("hue_top", plane, x.device))
+    bottom = torch.amin(x, 1, keepdim=True, out=scratch("hue_bottom", plane, x.device))
+    chroma = torch.sub(top, bottom, out=scratch("hue_chroma", plane, x.device))
+    red = torch.eq(r, top, out=scratch("hue_red", plane, x.device, torch.bool))
+    green = torch.eq(g, top, out=scratch("hue_green", plane, x.device, torch.bool))
+    sixths = scratch("hue_sixths", plane, x.device)
+    other = scratch("hue_other", plane, x.device)
+    # h C - (0, 2 or 4) C: (g - b) where r = M, else (b - r) where g = M, else (r - g)
+    torch.where(green, torch.sub(b, r, out=sixths), torch.sub(r, g, out=other), out=other)
+    torch.where(red, torch.sub(g, b, out=sixths), other, out=sixths)
+    sixths.div_(torch.clamp(chroma, min=1e-12, out=other))
+    turn = per_sample(shift * 6, x)
+    sixths.add_(torch.where(red, turn, torch.where(green, turn + 2, turn + 4, out=other), out=other))
+    u = torch.add(sixths, torch.tensor([6.0, 4.0, 2.0], device=x.device).view(1, 3, 1, 1), out=x)
+    u = u.remainder_(6).sub_(3).abs_().sub_(1).clamp_(0, 1)
+    return torch.addcmul(bottom, u, chroma, out=u)
 
 
 def pil_hue_shift(turns: torch.Tensor) -> torch.Tensor:
@@ -211,7 +299,7 @@ def pil_hue_shift(turns: torch.Tensor) -> torch.Tensor:
 
 
 def color_jitter(x: torch.Tensor, applied: torch.Tensor, factors: torch.Tensor, order: torch.Tensor,
-                 hue_space: str = "hsv") -> torch.Tensor:
+                 hue_space: str = "hsv", scratch: Scratch = FRESH) -> torch.Tensor:
     """Per-sample colour jitter in per-sample order, in place. ``applied`` (N,)
     bool, ``factors`` (N, 4) (brightness, contrast, saturation blend factors,
     hue shift in turns), ``order`` (N, 4) op index at each position: CPU tensors.
@@ -219,16 +307,16 @@ def color_jitter(x: torch.Tensor, applied: torch.Tensor, factors: torch.Tensor, 
     luma, (s, c) = (0, 0) brightness, (0, 1) contrast, (1, 0) saturation.
     Hue: PIL's HSV shift, or `pretrain.augment.rotate_hue_yiq` (``hue_space="yiq"``)."""
     shift = pil_hue_shift(factors[:, 3]) if hue_space == "hsv" else factors[:, 3]
-    hue_op = rotate_hue if hue_space == "hsv" else rotate_hue_yiq
+    hue_op = rotate_hue if hue_space == "hsv" else (lambda rows, turns, scratch: rotate_hue_yiq(rows, turns))
     for position in range(order.shape[1]):
         op = torch.where(applied, order[:, position], -1)
         blended = (op >= 0) & (op <= 2)
         factor = torch.where(blended, factors.gather(1, op.clamp(0, 2)[:, None])[:, 0], 1.0)
-        target = luma(x)
+        target = luma(x, scratch("luma", (len(x), 1, *x.shape[2:]), x.device))
         mean = target.mean((2, 3), keepdim=True)
         target.mul_(per_sample(op == 2, x)).add_(mean.mul_(per_sample(op == 1, x)))
         torch.lerp(target.expand_as(x), x, per_sample(factor, x), out=x).clamp_(0, 1)
-        x = on_rows(x, (op == 3) & (shift != 0), hue_op, shift)
+        x = on_rows(x, (op == 3) & (shift != 0), hue_op, shift, scratch=scratch)
     return x
 
 
@@ -245,13 +333,13 @@ def box_blur_kernels(radius: torch.Tensor) -> torch.Tensor:
     return (weight / (2 * half + 1 + 2 * edge)[:, None]).float()
 
 
-def gaussian_blur(x: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
+def gaussian_blur(x: torch.Tensor, radius: torch.Tensor, scratch: Scratch = FRESH) -> torch.Tensor:
     """PIL's GaussianBlur(radius[n]) of each x[n] (N, 3, H, W): ``BLUR_PASSES``
     extended-box passes along W, then along H, edge pixels repeated each pass.
 
     Each pass reads a buffer padded by ``pad`` on both sides of the axis and
     writes straight into the middle of the other one, whose margins are then
-    filled with its edge pixels (no padded copy per pass)."""
+    filled with its edge pixels (no padded copy per pass); the last pass writes into x."""
     kernels = box_blur_kernels(radius).to(x.device)
     taps = kernels.shape[1]
     weights = kernels.view(len(x), 1, 1, 1, taps).unbind(-1)
@@ -260,17 +348,17 @@ def gaussian_blur(x: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
         length = x.shape[dim]
         shape = list(x.shape)
         shape[dim] += 2 * pad
-        buffers = [torch.empty(shape, device=x.device), torch.empty(shape, device=x.device)]
+        buffers = [scratch(f"blur{dim}_{k}", shape, x.device) for k in range(2)]
         buffers[0].narrow(dim, pad, length).copy_(x)
         for step in range(BLUR_PASSES):
             padded = buffers[step % 2]
             padded.narrow(dim, 0, pad).copy_(padded.narrow(dim, pad, 1).expand_as(padded.narrow(dim, 0, pad)))
             padded.narrow(dim, pad + length, pad).copy_(padded.narrow(dim, pad + length - 1, 1)
                                                         .expand_as(padded.narrow(dim, 0, pad)))
-            x = buffers[1 - step % 2].narrow(dim, pad, length) if step < BLUR_PASSES - 1 else None
-            x = torch.mul(padded.narrow(dim, 0, length), weights[0], out=x)
+            out = buffers[1 - step % 2].narrow(dim, pad, length) if step < BLUR_PASSES - 1 else x
+            out = torch.mul(padded.narrow(dim, 0, length), weights[0], out=out)
             for tap in range(1, taps):
-                x.addcmul_(padded.narrow(dim, tap, length), weights[tap])
+                out.addcmul_(padded.narrow(dim, tap, length), weights[tap])
     return x
 
 
@@ -278,13 +366,14 @@ def gaussian_blur(x: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
 class BatchMultiCrop:
     """Apply packed `CropParams` to a uint8 image batch: -> list of C (B, 3, S, S) crops.
 
-    Each crop slot is augmented in chunks of crops bounded by ``chunk_bytes``
-    at 12 S H bytes a crop (S the crop size, H the batch's image height; the
-    vertical pass's table is at most that): by default 16 MiB on the CPU, and
-    1 GiB on a GPU. On the CPU, blocks above glibc's 32 MiB mmap threshold go
-    back to the system on every free and cost a page fault per 4 KiB when
-    allocated again: hence chunks, one output tensor per slot (not per size),
-    and the float source planes (B 3 H W 4 bytes) kept for the next batch.
+    On the CPU each crop slot is resized one crop at a time straight into its
+    output tensor (`resize_crops`), whose crops then go through the other steps
+    in place, in chunks of ``chunk_bytes`` (default ``CPU_CHUNK_BYTES``) at
+    12 S^2 bytes a crop: small enough to stay in cache, large enough that the
+    per-op overhead is shared. Every buffer is reused (`Scratch`), and so are
+    the uint8 source planes (B 3 H W bytes) for the next batch: the only
+    allocation of a call is its C outputs. On a GPU, chunks of 1 GiB at
+    12 S H bytes a crop (the vertical pass's table) go through every step.
     """
 
     def __init__(self, sizes: list[int], mean=IMAGENET_MEAN, std=IMAGENET_STD, chunk_bytes: int | None = None,
@@ -297,20 +386,21 @@ class BatchMultiCrop:
         self.shift = -torch.tensor(mean).view(1, 3, 1, 1) * self.scale
         self.chunk_bytes = chunk_bytes
         self.planes: torch.Tensor | None = None  # the last CPU batch's `source_planes`, reused
+        self.scratch = Scratch(keep=True)  # the CPU's work buffers, reused (a GPU's caching allocator does that)
 
     @classmethod
     def like(cls, augmentation: MultiCropAugmentation, chunk_bytes: int | None = None) -> "BatchMultiCrop":
         """The batched twin of a PIL augmentation (same sizes and normalisation)."""
         return cls(augmentation.sizes, augmentation.mean, augmentation.std, chunk_bytes, augmentation.hue_space)
 
-    def augment(self, source: torch.Tensor, owner: torch.Tensor, p: dict[str, torch.Tensor], size: int,
-                out: torch.Tensor) -> None:
-        """All steps for crops of one size: ``out`` (N, 3, size, size) <- normalised crops."""
-        x = resize_crops(source, owner, p["box"], p["flip"], size)
-        x = color_jitter(x, p["jitter"], p["factors"], p["order"], self.hue_space)
-        x = on_rows(x, p["grayscale"], to_gray)
-        x = on_rows(x, p["blur"], gaussian_blur, p["blur_radius"])
-        x = on_rows(x, p["solarize"], solarize)
+    def augment(self, x: torch.Tensor, p: dict[str, torch.Tensor], out: torch.Tensor) -> None:
+        """The steps after the resize for a chunk of resized crops ``x`` (N, 3, S, S) of one size:
+        ``out`` (N, 3, S, S) <- normalised crops (``out`` may be ``x`` itself)."""
+        scratch = self.scratch if x.device.type == "cpu" else FRESH
+        x = color_jitter(x, p["jitter"], p["factors"], p["order"], self.hue_space, scratch=scratch)
+        x = on_rows(x, p["grayscale"], to_gray, scratch=scratch)
+        x = on_rows(x, p["blur"], gaussian_blur, p["blur_radius"], scratch=scratch)
+        x = on_rows(x, p["solarize"], solarize, scratch=scratch)
         torch.addcmul(self.shift.to(x.device), x, self.scale.to(x.device), out=out)
 
     @torch.no_grad()
@@ -318,19 +408,25 @@ class BatchMultiCrop:
         """``images``: uint8 (B, 3, H, W) on any device; ``params``: `pack_params` of
         their crops (CPU). Returns the C crops, each float (B, 3, S, S) on that device."""
         batch, _, height, _ = images.shape
-        budget = self.chunk_bytes or (2**24 if images.device.type == "cpu" else 2**30)
-        source = source_planes(images, self.planes)
-        if images.device.type == "cpu":  # kept for the next batch: see the class doc
+        on_cpu = images.device.type == "cpu"
+        budget = self.chunk_bytes or (CPU_CHUNK_BYTES if on_cpu else 2**30)
+        # the CPU's per-crop resize converts each crop's region to float itself: uint8 planes suffice
+        source = source_planes(images, self.planes, torch.uint8 if on_cpu else torch.float32)
+        if on_cpu:  # kept for the next batch: see the class doc
             self.planes = source
         crops = []
         for slot, size in enumerate(self.sizes):
             p = {name: value[slot] for name, value in params.items()}
             out = torch.empty(batch, 3, size, size, device=images.device)  # one per slot: see the class doc
-            step = max(1, budget // (12 * size * height))
+            if on_cpu:  # resized one crop at a time straight into out, then the rest in place in chunks
+                resize_crops(source, torch.arange(batch), p["box"], p["flip"], size, scratch=self.scratch, out=out)
+            step = max(1, budget // (12 * size * (size if on_cpu else height)))
             for start in range(0, batch, step):
                 part = slice(start, start + step)
-                self.augment(source, torch.arange(batch)[part], {name: value[part] for name, value in p.items()},
-                             size, out[part])
+                chunk = {name: value[part] for name, value in p.items()}
+                x = out[part] if on_cpu else resize_crops(source, torch.arange(batch)[part], chunk["box"],
+                                                          chunk["flip"], size)
+                self.augment(x, chunk, out[part])
             crops.append(out)
         return crops
 

@@ -18,8 +18,8 @@ from data.imagefolder import ImageFolder
 from data.suite import render_object_image
 from pretrain.augment import (IMAGENET_STD, DecodedCropDataset, MultiCropAugmentation, collate_decoded, pack_params,
                               random_resized_crop_box, rotate_hue_yiq, sample_rng)
-from pretrain.batch_augment import (BatchMultiCrop, color_jitter, gaussian_blur, luma, resize_crops, rotate_hue,
-                                    solarize, source_planes)
+from pretrain.batch_augment import (FRESH, BatchMultiCrop, Scratch, color_jitter, gaussian_blur, luma, on_rows,
+                                    resize_crops, rotate_hue, solarize, source_planes, to_gray)
 from pretrain.checkpoint import safe_load
 from pretrain.distributed import DistInfo
 from pretrain.sampler import ShardedSampler
@@ -124,14 +124,89 @@ def test_hue_matches_pil(name):
 
 
 def test_hue_rotation_in_float():
+    # rotate_hue works in place: each call gets a copy
     primaries = torch.eye(3).view(3, 3, 1, 1)  # red, green, blue pixels
-    third = rotate_hue(primaries, torch.full((3,), 1 / 3))
+    third = rotate_hue(primaries.clone(), torch.full((3,), 1 / 3))
     assert torch.allclose(third, primaries.roll(1, 1), atol=1e-6)  # red -> green -> blue -> red
     x = torch.rand(4, 3, 16, 16)
-    back = rotate_hue(rotate_hue(x, torch.tensor([0.1, -0.2, 0.45, 0.0])), torch.tensor([-0.1, 0.2, -0.45, 0.0]))
+    back = rotate_hue(rotate_hue(x.clone(), torch.tensor([0.1, -0.2, 0.45, 0.0])), torch.tensor([-0.1, 0.2, -0.45, 0.0]))
     assert torch.allclose(back, x, atol=1e-5)
     gray = torch.rand(2, 1, 8, 8).expand(2, 3, 8, 8)
-    assert torch.allclose(rotate_hue(gray, torch.tensor([0.3, -0.4])), gray)  # no chroma, no change
+    assert torch.allclose(rotate_hue(gray.contiguous(), torch.tensor([0.3, -0.4])), gray)  # no chroma, no change
+
+
+def hsv_hue_reference(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """The textbook HSV round trip in float64: RGB -> (h, s, v), h += shift, -> RGB (colorsys's formulas)."""
+    x = x.double()
+    top, bottom = x.amax(1), x.amin(1)
+    chroma = top - bottom
+    r, g, b = x.unbind(1)
+    safe = chroma.clamp(min=1e-300)
+    rc, gc, bc = (top - r) / safe, (top - g) / safe, (top - b) / safe
+    h = torch.where(r == top, bc - gc, torch.where(g == top, 2 + rc - bc, 4 + gc - rc))
+    h = torch.where(chroma > 0, h / 6 + shift.double().view(-1, 1, 1), 0.0).remainder(1.0) * 6
+    sector, f = h.floor(), h - h.floor()
+    p, q, t = bottom, top - chroma * f, bottom + chroma * f
+    choices = [(top, t, p), (q, top, p), (p, top, t), (p, q, top), (t, p, top), (top, p, q)]
+    out = torch.zeros_like(x)
+    for k, channels in enumerate(choices):
+        out = torch.where((sector == k)[:, None], torch.stack(channels, 1), out)
+    return out
+
+
+def test_hue_rotation_matches_a_float64_hsv_round_trip():
+    # the in-place float32 formula against colorsys-style HSV in float64: only float32 roundings apart
+    torch.manual_seed(1)
+    x = torch.rand(16, 3, 24, 24)
+    x[:2, :, :4] = x[:2, :1, :4]  # some gray pixels, and ties between channels
+    x[2:4, 1, 4:8] = x[2:4, 0, 4:8]
+    shift = torch.linspace(-0.5, 0.5, 16, dtype=torch.float64)
+    assert (rotate_hue(x.clone(), shift) - hsv_hue_reference(x, shift)).abs().max() < 1e-5
+
+
+def test_per_crop_resize_reads_uint8_or_float_planes_alike():
+    # the CPU pipeline keeps uint8 planes: each crop's region is converted to float when it is copied
+    images = torch.stack([TF.pil_to_tensor(photo()), TF.pil_to_tensor(photo(seed=6))])
+    rng = random.Random(2)
+    boxes = torch.tensor([random_resized_crop_box(rng, 120, 90, (0.05, 1.0)) for _ in range(8)])
+    owner, flips = torch.tensor([i % 2 for i in range(8)]), torch.tensor([i % 3 == 0 for i in range(8)])
+    for size in (24, 64):
+        floats = resize_crops(source_planes(images), owner, boxes, flips, size, per_crop=True)
+        out = torch.empty(8, 3, size, size)
+        uint8 = resize_crops(source_planes(images, dtype=torch.uint8), owner, boxes, flips, size, per_crop=True,
+                             scratch=Scratch(keep=True), out=out)
+        assert uint8 is out and torch.equal(uint8, floats)
+
+
+def test_scratch_reuses_and_grows():
+    scratch = Scratch(keep=True)
+    a = scratch("a", (2, 3), torch.device("cpu"))
+    assert scratch("a", (3, 2), torch.device("cpu")).data_ptr() == a.data_ptr()  # same block, any shape
+    assert scratch("a", (4, 4), torch.device("cpu")).shape == (4, 4)  # grown
+    assert scratch("b", (2,), torch.device("cpu"), torch.bool).dtype == torch.bool
+    FRESH("a", (2, 3), torch.device("cpu"))
+    assert not FRESH.buffers  # the default keeps nothing: every buffer a fresh tensor
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_in_place_steps_with_scratch_match_fresh_buffers(device):
+    # the CPU pipeline's reused buffers (Scratch(keep=True)) against fresh ones, op by op, on any device
+    torch.manual_seed(2)
+    x = torch.rand(6, 3, 20, 20, device=device)
+    factors = torch.tensor([[1.2, 0.7, 1.3, 0.08]] * 6, dtype=torch.float64)
+    order = torch.stack([torch.randperm(4) for _ in range(6)])
+    applied = torch.tensor([True, True, False, True, True, True])
+    chosen = torch.tensor([True, False, True, True, False, True])
+    radius = torch.linspace(0.1, 2.0, 6, dtype=torch.float64)
+    kept = Scratch(keep=True)
+    for _ in range(2):  # the second round reuses the first round's buffers
+        results = []
+        for scratch in (FRESH, kept):
+            y = color_jitter(x.clone(), applied, factors, order, scratch=scratch)
+            y = on_rows(y, chosen, to_gray, scratch=scratch)
+            y = on_rows(y, ~chosen, gaussian_blur, radius, scratch=scratch)
+            results.append(on_rows(y, chosen, solarize, scratch=scratch))
+        assert torch.equal(results[0], results[1])
 
 
 @pytest.mark.parametrize("name", IMAGES)
@@ -222,6 +297,25 @@ def test_batch_composition_and_chunking_do_not_change_a_crop():
     for k in range(augmentation.ncrops):
         assert torch.allclose(together[k], chunked[k], atol=1e-5)
         assert torch.allclose(together[k][2], alone[k][0], atol=1e-5)
+
+
+def test_cpu_pipeline_matches_the_general_one():
+    # the GPU's route run on the CPU: float planes, all crops of a chunk resized in one call, then `augment`
+    augmentation = MultiCropAugmentation(48, 24, n_local=3, grayscale_p=0.5, blur_radius=(0.1, 2.0))
+    images = [photo(), suite_image(), photo(60, 140, seed=2), photo(seed=4)]
+    params = [augmentation.draw(img.width, img.height, sample_rng(0, 3, i)) for i, img in enumerate(images)]
+    batch = collate_decoded([(TF.pil_to_tensor(img), p) for img, p in zip(images, params)])
+    batched = BatchMultiCrop.like(augmentation)
+    fast = batched(batch.images, batch.params)
+    source = source_planes(batch.images)
+    for slot, size in enumerate(augmentation.sizes):
+        p = {name: value[slot] for name, value in batch.params.items()}
+        general = torch.empty(len(images), 3, size, size)
+        for part in (slice(0, 3), slice(3, 4)):
+            chunk = {name: value[part] for name, value in p.items()}
+            x = resize_crops(source, torch.arange(len(images))[part], chunk["box"], chunk["flip"], size, per_crop=False)
+            batched.augment(x, chunk, general[part])
+        assert torch.allclose(fast[slot], general, atol=1e-5)
 
 
 def test_one_batch_multicrop_serves_batches_of_any_shape():
