@@ -283,11 +283,36 @@ def pack_params(per_image: list[list[CropParams]]) -> dict[str, torch.Tensor]:
     }
 
 
+def pad_images(images: list[torch.Tensor]) -> torch.Tensor:
+    """uint8 images (3, h_i, w_i), on one device -> one uint8 batch (B, 3, max h, max w) there,
+    each zero-padded at the bottom/right (zeros no crop reads)."""
+    height = max(image.shape[1] for image in images)
+    width = max(image.shape[2] for image in images)
+    batch = torch.zeros(len(images), 3, height, width, dtype=torch.uint8, device=images[0].device)
+    for slot, image in enumerate(images):
+        batch[slot, :, :image.shape[1], :image.shape[2]] = image
+    return batch
+
+
 class DecodedBatch(NamedTuple):
-    """A collated batch for the batched path: uint8 images (B, 3, H, W), each
-    zero-padded at the bottom/right to the largest, and `pack_params` of their crops."""
-    images: torch.Tensor
+    """A collated batch for the batched path: the B images' uint8 pixels, each (3, h_i, w_i)
+    flattened, one after the other in ``pixels`` (one tensor: one shared-memory block from a
+    worker, one copy to a device, and no padding to the largest image), their ``sizes`` (B, 2)
+    int64 (height, width), and `pack_params` of their crops."""
+    pixels: torch.Tensor
+    sizes: torch.Tensor
     params: dict[str, torch.Tensor]
+
+    def images(self, device: torch.device | str | None = None) -> list[torch.Tensor]:
+        """The B images, uint8 (3, h_i, w_i), on ``device`` (default: where they are), views of one copy."""
+        flat = self.pixels if device is None else self.pixels.to(device, non_blocking=True)
+        sizes = self.sizes.tolist()
+        parts = flat.split([3 * height * width for height, width in sizes])
+        return [part.view(3, height, width) for part, (height, width) in zip(parts, sizes)]
+
+    def padded(self) -> torch.Tensor:
+        """The images zero-padded into one uint8 batch (B, 3, max h, max w) (`pad_images`)."""
+        return pad_images(self.images())
 
 
 class DecodedCropDataset(MultiCropDataset):
@@ -305,11 +330,7 @@ class DecodedCropDataset(MultiCropDataset):
 
 
 def collate_decoded(samples: list[tuple[torch.Tensor, list[CropParams]]]) -> DecodedBatch:
-    """Pad the images to the largest height and width (zeros, never read by a
-    crop) and pack the crops' parameters."""
-    height = max(image.shape[1] for image, _ in samples)
-    width = max(image.shape[2] for image, _ in samples)
-    images = torch.zeros(len(samples), 3, height, width, dtype=torch.uint8)
-    for slot, (image, _) in enumerate(samples):
-        images[slot, :, :image.shape[1], :image.shape[2]] = image
-    return DecodedBatch(images, pack_params([params for _, params in samples]))
+    """Concatenate the images' pixels and pack the crops' parameters."""
+    return DecodedBatch(torch.cat([image.reshape(-1) for image, _ in samples]),
+                        torch.tensor([list(image.shape[1:]) for image, _ in samples], dtype=torch.int64),
+                        pack_params([params for _, params in samples]))

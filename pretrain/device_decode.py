@@ -16,9 +16,8 @@ exactly as the workers make a bad file's (the next index's image, the crops
 drawn from the original index's generator), so a batch is the same whichever
 process found the file bad. Sample keys ride along in the batch for that.
 
-Shapes: a batch of B images becomes uint8 (B, 3, H, W) on the device, each
-image zero-padded at the bottom/right to the largest (`collate_decoded`'s
-layout), with its crops' `pack_params`.
+Shapes: a batch of B files becomes B uint8 images (3, h_i, w_i) on the device,
+with their crops' `pack_params`, which `BatchMultiCrop.crop_images` crops.
 """
 from __future__ import annotations
 
@@ -115,15 +114,15 @@ def decode_jpegs(data: list[torch.Tensor], device: torch.device) -> list[torch.T
 
 class DecodeThenCrop:
     """``(EncodedBatch, device)`` -> the crops, list of float (B, 3, S, S) on the device:
-    decode there (`decode_jpegs`), pad into one uint8 batch, then ``crop(images, params)``
-    (a `pretrain.batch_augment.BatchMultiCrop`)."""
+    decode there (`decode_jpegs`), then ``crop.crop_images(images, params)`` (``crop`` a
+    `pretrain.batch_augment.BatchMultiCrop`)."""
 
     def __init__(self, dataset: EncodedCropDataset, crop):
         self.dataset, self.crop = dataset, crop
 
-    def images(self, batch: EncodedBatch, device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The batch decoded: uint8 (B, 3, H, W) on ``device`` and the crops' params (those of a
-        sample made again, see the module doc, replaced)."""
+    def images(self, batch: EncodedBatch, device: torch.device) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+        """The batch decoded: B uint8 images (3, h_i, w_i) on ``device`` and the crops' params (those
+        of a sample made again, see the module doc, replaced)."""
         starts = [0] + batch.jpeg_ends.tolist()
         files = [batch.jpeg_bytes[start:end] for start, end in zip(starts, starts[1:])]
         from_device, others = iter(decode_jpegs(files, device)), iter(batch.pixels)
@@ -135,12 +134,7 @@ class DecodeThenCrop:
         for i, pixels in enumerate(decoded):
             if pixels is None:
                 decoded[i], params = self.remake(batch, i, params)
-        height = max(pixels.shape[1] for pixels in decoded)
-        width = max(pixels.shape[2] for pixels in decoded)
-        images = torch.zeros(len(decoded), 3, height, width, dtype=torch.uint8, device=device)
-        for slot, pixels in enumerate(decoded):
-            images[slot, :, :pixels.shape[1], :pixels.shape[2]] = pixels.to(device, non_blocking=True)
-        return images, params
+        return [pixels.to(device, non_blocking=True) for pixels in decoded], params
 
     def remake(self, batch: EncodedBatch, i: int, params: dict[str, torch.Tensor]):
         """Sample ``i``, whose JPEG body did not decode on the device: PIL's pixels of the same file
@@ -163,4 +157,4 @@ class DecodeThenCrop:
 
     def __call__(self, batch: EncodedBatch, device: torch.device) -> list[torch.Tensor]:
         images, params = self.images(batch, device)
-        return self.crop(images, params)
+        return self.crop.crop_images(images, params)

@@ -19,7 +19,7 @@ from data.suite import render_object_image
 from pretrain.augment import (IMAGENET_STD, DecodedCropDataset, MultiCropAugmentation, collate_decoded, pack_params,
                               random_resized_crop_box, rotate_hue_yiq, sample_rng)
 from pretrain.batch_augment import (FRESH, BatchMultiCrop, Scratch, color_jitter, gaussian_blur, luma, on_rows,
-                                    resize_crops, rotate_hue, solarize, source_planes, to_gray)
+                                    padded_groups, resize_crops, rotate_hue, solarize, source_planes, to_gray)
 from pretrain.checkpoint import safe_load
 from pretrain.distributed import DistInfo
 from pretrain.sampler import ShardedSampler
@@ -306,8 +306,8 @@ def test_cpu_pipeline_matches_the_general_one():
     params = [augmentation.draw(img.width, img.height, sample_rng(0, 3, i)) for i, img in enumerate(images)]
     batch = collate_decoded([(TF.pil_to_tensor(img), p) for img, p in zip(images, params)])
     batched = BatchMultiCrop.like(augmentation)
-    fast = batched(batch.images, batch.params)
-    source = source_planes(batch.images)
+    fast = batched(batch.padded(), batch.params)
+    source = source_planes(batch.padded())
     for slot, size in enumerate(augmentation.sizes):
         p = {name: value[slot] for name, value in batch.params.items()}
         general = torch.empty(len(images), 3, size, size)
@@ -325,9 +325,47 @@ def test_one_batch_multicrop_serves_batches_of_any_shape():
     for images in ([photo(), photo(60, 140, seed=2)], [suite_image(), suite_image(48)], [photo(), photo(seed=9)]):
         params = [augmentation.draw(img.width, img.height, sample_rng(0, 2, i)) for i, img in enumerate(images)]
         batch = collate_decoded([(TF.pil_to_tensor(img), p) for img, p in zip(images, params)])
-        fresh = BatchMultiCrop.like(augmentation)(batch.images, batch.params)
-        for a, b in zip(reused(batch.images, batch.params), fresh):
+        fresh = BatchMultiCrop.like(augmentation)(batch.padded(), batch.params)
+        for a, b in zip(reused(batch.padded(), batch.params), fresh):
             assert torch.equal(a, b)
+
+
+def test_padded_groups_by_hand():
+    sizes = [(10, 10), (100, 100), (10, 20), (50, 50)]
+    assert padded_groups(sizes, 4 * 100 * 100) == [[0, 1, 2, 3]]  # all fit: one group, batch order
+    # sorted: 0 (10x10), 2 (10x20), 3 (50x50), 1 (100x100); 3 x 50 x 50 = 7500 fits, 4 x 100 x 100 does not
+    assert padded_groups(sizes, 7500) == [[0, 2, 3], [1]]
+    assert padded_groups(sizes, 7499) == [[0, 2], [3], [1]]
+    assert padded_groups(sizes, 1) == [[0], [2], [3], [1]]  # each alone, even over the budget
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_crop_images_in_groups_equals_one_padded_batch(device):
+    """A batch of very different sizes cropped in padded groups gives the one padded batch's crops."""
+    augmentation = MultiCropAugmentation(48, 24, n_local=3, grayscale_p=0.5)
+    images = [photo(), suite_image(), photo(60, 140, seed=2), photo(seed=4), suite_image(48)]
+    params = [augmentation.draw(img.width, img.height, sample_rng(0, 5, i)) for i, img in enumerate(images)]
+    batch = collate_decoded([(TF.pil_to_tensor(img), p) for img, p in zip(images, params)])
+    batched = BatchMultiCrop.like(augmentation)
+    whole = batched(batch.padded().to(device), batch.params)
+    tensors = batch.images(device)
+    assert len(padded_groups([tuple(t.shape[1:]) for t in tensors], 3 * 32 * 32)) > 2
+    grouped = batched.crop_images(tensors, batch.params, group_pixels=3 * 32 * 32)
+    for a, b in zip(grouped, whole, strict=True):
+        assert a.device == b.device and torch.equal(a, b)
+    assert all(torch.equal(a, b) for a, b in zip(batched.on_device(batch, torch.device(device)), whole))
+
+
+def test_decoded_batch_is_one_tensor_of_pixels():
+    images = [TF.pil_to_tensor(photo()), TF.pil_to_tensor(suite_image())]
+    batch = collate_decoded([(image, []) for image in images])
+    assert batch.pixels.dim() == 1 and batch.pixels.numel() == sum(t.numel() for t in images)
+    assert batch.sizes.tolist() == [list(t.shape[1:]) for t in images]
+    assert all(torch.equal(a, b) for a, b in zip(batch.images(), images, strict=True))
+    padded = batch.padded()
+    assert padded.shape == (2, 3, max(t.shape[1] for t in images), max(t.shape[2] for t in images))
+    assert torch.equal(padded[1, :, :images[1].shape[1], :images[1].shape[2]], images[1])
+    assert padded[1, :, images[1].shape[1]:].eq(0).all() and padded[1, :, :, images[1].shape[2]:].eq(0).all()
 
 
 # ---------------------------------------------------------------- the random draws
@@ -368,7 +406,7 @@ def test_params_depend_only_on_seed_epoch_index(tiny_suite):
         return list(loader)[:3]
 
     for a, b in zip(batches(0), batches(2)):
-        assert torch.equal(a.images, b.images)
+        assert torch.equal(a.pixels, b.pixels) and torch.equal(a.sizes, b.sizes)
         assert all(torch.equal(a.params[name], b.params[name]) for name in a.params)
 
 
