@@ -211,3 +211,25 @@ def test_trainer_with_device_decode_equals_worker_decode(mixed_folder, tmp_path)
         states[decode_on] = {k: v.clone() for k, v in trainer.teacher.state_dict().items()}
     for name, value in states["loader"].items():
         assert torch.equal(value, states["device"][name]), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (nvJPEG)")
+def test_nvjpeg_close_to_libjpeg_and_crops_close_on_the_gpu(mixed_folder):
+    """nvJPEG's IDCT and chroma upsampling may differ from libjpeg's by a few levels; the crops made
+    on the GPU from nvJPEG's pixels stay within the batched path's bounds of the CPU's."""
+    paths = [path for path in sorted((mixed_folder / "all").iterdir()) if path.name != "05.jpg"]
+    encoded = [read_encoded(path) for path in paths]
+    jpegs = [image.data for image in encoded if image.is_jpeg]
+    on_gpu = decode_jpegs(jpegs, torch.device("cuda"))
+    on_cpu = decode_jpegs(jpegs, torch.device("cpu"))
+    for gpu, cpu in zip(on_gpu, on_cpu, strict=True):
+        diff = (gpu.cpu().int() - cpu.int()).abs()
+        assert gpu.shape == cpu.shape and diff.float().mean() < 1.0 and diff.max() <= 16
+    augmentation = MultiCropAugmentation(32, 16, n_local=3)
+    dataset = EncodedCropDataset(ImageFolder(mixed_folder, skip_bad=True), augmentation, seed=1)
+    batch = collate_encoded([dataset[(0, i)] for i in range(12) if i != 5])
+    decode = DecodeThenCrop(dataset, BatchMultiCrop.like(augmentation))
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    for gpu, cpu in zip(decode(batch, torch.device("cuda")), decode(batch, torch.device("cpu")), strict=True):
+        diff = ((gpu.cpu() - cpu) * std * 255).abs()
+        assert diff.mean() < 2.0 and diff.max() < 20.0
