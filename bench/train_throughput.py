@@ -1,7 +1,7 @@
 """Training step throughput: the official DINO choices against our default path, side by side.
 
     python -m bench.train_throughput [--arch vit_small] [--patch 16] [--global-size 224] [--local-size 96]
-                                     [--locals 10] [--out-dim 65536] [--batch 4] [--steps 3] [--warmup 1]
+                                     [--locals 10] [--out-dim 65536] [--batch 8] [--steps 3] [--warmup 1]
                                      [--rounds 1] [--device auto] [--threads N]
 
 One DINO step of the `pretrain.trainer.Trainer` (teacher forward on the two
@@ -12,16 +12,19 @@ device: the train step alone, without decoding or augmentation (those are
 
 * **baseline**: the same step with the official implementation's choices:
   explicit attention (timm's ``fused_attn = False``: softmax(QK^T)V with the
-  attention matrix materialised), AdamW with ``foreach=False`` (a Python loop
+  attention matrix materialised), the head's weight-normalised last layer
+  as ``nn.utils.weight_norm`` computes it (the normalised (K, b) weight formed,
+  then a Linear), AdamW with ``foreach=False`` (a Python loop
   over parameters), gradient clipping and the EMA update as per-parameter
   Python loops (the clipping reads each norm back to the host, as the official
   ``clip_gradients`` does), the loss read back every step (the official loop's
   ``math.isfinite(loss.item())``), fp16 autocast with a GradScaler on CUDA
   (the official default), fp32 on the CPU;
-* **ours**: the trainer as it is: SDPA attention, torch's default AdamW
-  (multi-tensor on CUDA; on the CPU torch picks the per-parameter loop itself),
-  ``torch._foreach`` clipping and EMA, no host synchronisation, bf16 autocast
-  on CUDA, fp32 on the CPU.
+* **ours**: the trainer as it is: SDPA attention, the last layer's
+  normalisation applied to the (B, K) logits instead of the (K, b) weight
+  (`pretrain.head.WeightNormLinear`), fused AdamW (one kernel for all
+  parameters), ``torch._foreach`` clipping and EMA, no host synchronisation,
+  bf16 autocast on CUDA, fp32 on the CPU.
 
 Both compute the same step (tests/test_bench_train.py checks losses and
 weights after two fp32 steps). Each variant runs in its own process, so its
@@ -40,11 +43,20 @@ fused SDPA kernel, and counts a recomputation in the CUDA SDPA backward), and
 used for both rows since both do the same work; the achieved FLOP rate
 (FLOPs per image x images/s) and the MFU: that rate over the peak of a large
 matmul measured on this machine, in the dtype the variant's matmuls run in
-(fp32 on the CPU with the current threads; fp16 / bf16 on CUDA).
+(fp32 on the CPU with the current threads; fp16 / bf16 on CUDA). A second,
+smaller reference sits beside it (``own-mm %``): the rate of the step's own
+matmuls (every mm / addmm / bmm of the counted step, recorded with their
+shapes and layouts) replayed back to back with nothing in between; the MFU
+over it shows what the non-matmul work costs, the reference over the peak what
+the model's smaller matrices lose to a large one. The default CPU batch is 8:
+it keeps the per-parameter work (AdamW, EMA, clipping, the 65536 x 256 last
+layer) a small share of the step and its activations within the L3 cache
+better than 16 does (measured: ~3 points of MFU over batch 4, none more at 16).
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import json
 import os
@@ -56,12 +68,14 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import pretrain.trainer as trainer_module
 from pretrain.backbones import VIT_SPECS
 from pretrain.config import TrainConfig, resolve
 from pretrain.distributed import DistInfo
+from pretrain.head import WeightNormLinear
 from pretrain.trainer import Trainer, autocast_dtype, peak_memory_gb
 
 REPO = Path(__file__).resolve().parents[1]
@@ -138,6 +152,24 @@ def explicit_attention(*models: torch.nn.Module):
             layer.fused_attn = fused
 
 
+def weight_side_forward(layer: WeightNormLinear, x: torch.Tensor) -> torch.Tensor:
+    """The official head's last layer (``nn.utils.weight_norm``): the normalised (K, b) weight formed, then F.linear."""
+    return torch.nn.functional.linear(x, layer.weight())
+
+
+@contextlib.contextmanager
+def weight_side_weight_norm(*models: torch.nn.Module):
+    """The heads' last layers computed the official way (`weight_side_forward`) instead of ours (scale on the output)."""
+    layers = [m for model in models for m in model.modules() if isinstance(m, WeightNormLinear)]
+    for layer in layers:
+        layer.forward = weight_side_forward.__get__(layer)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
+
+
 @torch.no_grad()
 def ema_per_parameter(teacher: torch.nn.Module, student: torch.nn.Module, momentum: float) -> None:
     """The EMA update one parameter at a time (a Python loop, two kernels per parameter)."""
@@ -167,7 +199,8 @@ def variant_precision(variant: str, device: torch.device) -> str:
 def official_choices(trainer: Trainer):
     """Make ``trainer`` step the way the official code does (see the module docstring); undone on exit.
 
-    Explicit attention in student and teacher, per-parameter AdamW
+    Explicit attention in student and teacher, the heads' weight-normalised
+    last layer formed as a (K, b) weight (`weight_side_weight_norm`), per-parameter AdamW
     (``foreach=False`` and ``fused=False`` in every group, which keeps the optimizer's state),
     and the trainer's clipping and EMA functions swapped for per-parameter
     loops. The precision is chosen when the trainer is built
@@ -176,7 +209,7 @@ def official_choices(trainer: Trainer):
     groups = trainer.optimizer.param_groups
     before = [(group.get("foreach"), group.get("fused")) for group in groups]
     ema_before, clip_before = trainer_module.ema_update, trainer_module.clip_gradients_per_parameter
-    with explicit_attention(trainer.student, trainer.teacher):
+    with explicit_attention(trainer.student, trainer.teacher), weight_side_weight_norm(trainer.student, trainer.teacher):
         for group in groups:
             group["foreach"], group["fused"] = False, False
         trainer_module.ema_update, trainer_module.clip_gradients_per_parameter = ema_per_parameter, clip_per_parameter
@@ -195,12 +228,71 @@ def variant_context(trainer: Trainer, variant: str):
 
 
 # ------------------------------------------------------------------ FLOPs and the matmul peak
-def count_step_flops(trainer: Trainer, crops: list[torch.Tensor], it: int = 0) -> int:
+MATMUL_OPS = {torch.ops.aten.mm.default: "mm", torch.ops.aten.addmm.default: "addmm",
+              torch.ops.aten.bmm.default: "bmm", torch.ops.aten.baddbmm.default: "baddbmm"}
+
+
+def operand_layout(tensor: torch.Tensor) -> str:
+    """'n' for a row-major matrix (or batch of them), 't' for a transposed one, 'c' for anything else."""
+    if tensor.is_contiguous():
+        return "n"
+    return "t" if tensor.transpose(-2, -1).is_contiguous() else "c"
+
+
+class MatmulShapes(TorchDispatchMode):
+    """Counts the matmuls (mm, addmm, bmm, baddbmm) run under it, by (op, batch, m, k, n, operand layouts)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = MATMUL_OPS.get(func)
+        if name is not None:
+            a, b = args[1:3] if name in ("addmm", "baddbmm") else args[:2]
+            batch = a.shape[0] if a.dim() == 3 else 1
+            m, k = a.shape[-2:]
+            n = b.shape[-1]
+            self.counts[(name, batch, m, k, n, operand_layout(a) + operand_layout(b))] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_step_flops(trainer: Trainer, crops: list[torch.Tensor], it: int = 0,
+                     shapes: MatmulShapes | None = None) -> int:
     """FLOPs of one whole train step (it changes the weights like any step), counted on the
-    explicit-attention path so that each attention matmul is counted once as the model's work."""
-    with explicit_attention(trainer.student, trainer.teacher), FlopCounterMode(display=False) as counter:
+    explicit-attention path so that each attention matmul is counted once as the model's work;
+    with ``shapes``, its matmuls are also recorded there (`matmul_shapes_rate`)."""
+    with explicit_attention(trainer.student, trainer.teacher), FlopCounterMode(display=False) as counter, \
+            (shapes if shapes is not None else contextlib.nullcontext()):
         trainer.train_step(crops, epoch=1, it=it)
     return counter.get_total_flops()
+
+
+def matmul_shapes_rate(counts: dict, device: torch.device, dtype: torch.dtype, repeats: int = 2) -> float:
+    """FLOP/s of the recorded matmuls (`MatmulShapes.counts`) replayed back to back in ``dtype`` on
+    random operands of the same shapes and layouts (each as many times as the step ran it), best of
+    ``repeats`` replays: the rate the step's own matmul mix reaches with nothing else in between, a
+    reference beside the large-matmul peak (small or thin matrices run below it)."""
+    operands, flops = [], 0
+    for (name, batch, m, k, n, layouts), count in counts.items():
+        def operand(rows: int, cols: int, layout: str) -> torch.Tensor:
+            shape = (batch,) if name in ("bmm", "baddbmm") else ()
+            if layout == "t":
+                return torch.randn(*shape, cols, rows, device=device).to(dtype).transpose(-2, -1)
+            return torch.randn(*shape, rows, cols, device=device).to(dtype)
+
+        operands.append((operand(m, k, layouts[0]), operand(k, n, layouts[1]), count))
+        flops += 2 * batch * m * k * n * count
+    best = float("inf")
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        for a, b, count in operands:
+            for _ in range(count):
+                torch.matmul(a, b)
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return flops / best
 
 
 def vit_forward_flops(side: int, patch: int, dim: int, depth: int, mlp_ratio: float = 4.0) -> int:
@@ -269,7 +361,8 @@ def run_variant(variant: str, args: argparse.Namespace, device: torch.device, co
     with tempfile.TemporaryDirectory() as tmp:
         trainer = bench_trainer(tmp, device, 1 + args.warmup + args.steps, **overrides)
         crops = random_crops(trainer, args.batch, torch.Generator().manual_seed(0), device)
-        flops = count_step_flops(trainer, crops) / args.batch if count_flops else None
+        shapes = MatmulShapes() if count_flops else None
+        flops = count_step_flops(trainer, crops, shapes=shapes) / args.batch if count_flops else None
         synchronize(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -297,7 +390,8 @@ def run_variant(variant: str, args: argparse.Namespace, device: torch.device, co
     dtype = matmul_dtype(variant, device)
     return {"variant": variant, "step_s": seconds, "images_per_s": args.batch / seconds, "peak_memory_gb": memory,
             "flops_per_image": flops, "estimate_per_image": estimate, "skipped_steps": skipped,
-            "dtype": dtype_name(dtype), "matmul_peak": matmul_peak(device, dtype, **peak_settings(device))}
+            "dtype": dtype_name(dtype), "matmul_peak": matmul_peak(device, dtype, **peak_settings(device)),
+            "matmul_shapes": [[*key, count] for key, count in shapes.counts.items()] if shapes is not None else None}
 
 
 def variant_in_subprocess(variant: str, argv: list[str], count_flops: bool) -> dict:
@@ -322,7 +416,7 @@ def parse_args(argv):
     parser.add_argument("--local-size", type=int, default=96, help="local crop side")
     parser.add_argument("--locals", type=int, default=10, help="local crops per image (the paper's 10)")
     parser.add_argument("--out-dim", type=int, default=65536, help="head prototypes K")
-    parser.add_argument("--batch", type=int, default=None, help="images per step (default: 4 on CPU, 64 on CUDA)")
+    parser.add_argument("--batch", type=int, default=None, help="images per step (default: 8 on CPU, 64 on CUDA)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per variant (default: 3 CPU, 20 CUDA)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 1 CPU, 5 CUDA)")
     parser.add_argument("--rounds", type=int, default=1,
@@ -335,7 +429,7 @@ def parse_args(argv):
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     on_cuda = args.device == "cuda"
-    args.batch = args.batch or (64 if on_cuda else 4)
+    args.batch = args.batch or (64 if on_cuda else 8)
     args.steps = args.steps or (20 if on_cuda else 3)
     args.warmup = args.warmup if args.warmup is not None else (5 if on_cuda else 1)
     args.threads = args.threads or torch.get_num_threads()
@@ -370,16 +464,21 @@ def compare(args: argparse.Namespace, argv: list[str]) -> None:
     child_argv = [*argv, "--device", args.device, "--threads", str(args.threads),
                   "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup)]
     best: dict[str, dict] = {}
+    shapes: dict = {}
     for round_index in range(args.rounds):  # variants alternate; each keeps its fastest round
         for variant in VARIANTS:
             row = variant_in_subprocess(variant, child_argv, count_flops=variant == "baseline" and not round_index)
             peaks[row["dtype"]] = max(peaks[row["dtype"]], row["matmul_peak"])
+            if row["matmul_shapes"]:
+                shapes = {tuple(item[:-1]): item[-1] for item in row["matmul_shapes"]}
             kept = best.setdefault(variant, row)
             if row["images_per_s"] > kept["images_per_s"]:
                 best[variant] = {**row, "flops_per_image": kept["flops_per_image"],
                                  "peak_memory_gb": max(row["peak_memory_gb"], kept["peak_memory_gb"])}
     rows = [best[variant] for variant in VARIANTS]
     flops = rows[0]["flops_per_image"]
+    # the second reference: the step's own matmuls replayed alone, in each row's dtype
+    own = {dtype: matmul_shapes_rate(shapes, device, getattr(torch, dtype)) for dtype in peaks}
 
     name = (torch.cuda.get_device_name(device) if on_cuda else
             f"cpu, {args.threads} threads, load average {load_before:.1f} before / {os.getloadavg()[0]:.1f} after")
@@ -390,13 +489,17 @@ def compare(args: argparse.Namespace, argv: list[str]) -> None:
     side = peak_settings(device)["size"]
     print("matmul peak (" + ", ".join(f"{dtype} {side}^3: {peak / scale:.1f} {unit}"
                                       for dtype, peak in sorted(peaks.items())) + ")")
+    calls = sum(shapes.values())
+    print(f"the step's own matmuls ({calls} mm/addmm/bmm calls of {len(shapes)} shapes, explicit attention) replayed "
+          "alone: " + ", ".join(f"{dtype} {rate / scale:.1f} {unit} ({100 * rate / peaks[dtype]:.0f}% of the peak)"
+                                for dtype, rate in sorted(own.items())))
     print(f"{'variant':<10}{'dtype':<10}{'images/s':>10}{'step s':>9}{'peak GB':>9}{'GFLOP/img':>11}"
-          f"{unit:>10}{'MFU %':>8}")
+          f"{unit:>10}{'MFU %':>8}{'own-mm %':>10}")
     for row in rows:
         achieved = flops * row["images_per_s"]
         print(f"{row['variant']:<10}{row['dtype']:<10}{row['images_per_s']:>10.2f}{row['step_s']:>9.3f}"
               f"{row['peak_memory_gb']:>9.2f}{flops / 1e9:>11.1f}{achieved / scale:>10.2f}"
-              f"{100 * achieved / peaks[row['dtype']]:>8.1f}")
+              f"{100 * achieved / peaks[row['dtype']]:>8.1f}{100 * achieved / own[row['dtype']]:>10.1f}")
     print(f"ours / baseline: {rows[1]['images_per_s'] / rows[0]['images_per_s']:.2f}x images/s, "
           f"{rows[1]['peak_memory_gb'] / rows[0]['peak_memory_gb']:.2f}x peak memory")
     estimate = rows[0]["estimate_per_image"]
@@ -406,7 +509,9 @@ def compare(args: argparse.Namespace, argv: list[str]) -> None:
           f"ViT + head matmuls): {estimate / 1e9:.1f}" + (f"; the issue's estimate: ~{quoted:.0f}" if quoted else ""))
     memory = ("peak GB: torch.cuda.max_memory_allocated" if on_cuda else
               "peak GB: the process's max RSS (torch itself included)")
-    print(f"{memory}, each variant in its own process; MFU against the matmul peak of the row's dtype")
+    print(f"{memory}, each variant in its own process; MFU against the matmul peak of the row's dtype; "
+          "own-mm %: against the step's own matmuls replayed alone (a second reference, not the MFU: "
+          "it leaves out what those shapes lose to the large matmul)")
     if not on_cuda:
         print("cpu: both rows fp32; they differ in attention (explicit vs SDPA), AdamW (per-parameter loop vs "
               "fused), the clipping / EMA loops and host reads; the precision gap (fp16 + scaler vs bf16) shows on a GPU")

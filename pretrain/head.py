@@ -14,6 +14,51 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
 
+class _WeightNormLinearFunction(torch.autograd.Function):
+    """logits = (x @ v^T) * (g / ||v||_row)^T, with a hand-written backward.
+
+    The same function as ``F.linear(x, v * g / ||v||)``, computed with the
+    scale on the (B, K) output instead of on the (K, b) weight: with K = 65536
+    prototypes and a few dozen rows B, the weight is by far the largest tensor
+    of the head (16.8 M values for b = 256), and the weight-side form makes
+    about ten passes over it per step (the scaled copy, in student and
+    teacher, and the autograd chain of the norm). Here the forward reads v
+    twice (its norms, the matmul) and never writes a (K, b) tensor; the
+    backward writes dv once:
+
+        s = g / ||v||                  (K,)
+        dx = (dy * s) @ v
+        ds_k = sum_b dy[b, k] (x v^T)[b, k]
+        dg = ds / ||v||
+        dv = (dy * s)^T x - (ds g / ||v||^3) v      (one addmm)
+
+    Rounding differs from the weight-side form by ~1e-7 relative. Under
+    autocast the matmuls run in the autocast dtype as ``F.linear`` would; the
+    norm, the scale and dv stay in v's dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, v: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        norm = torch.linalg.vector_norm(v, dim=1, keepdim=True)  # (K, 1)
+        scale = g / norm
+        raw = F.linear(x, v)  # (B, K), in the autocast dtype when autocast is on
+        ctx.save_for_backward(x, v, g, norm, raw)
+        return raw * scale.t().to(raw.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, v, g, norm, raw = ctx.saved_tensors
+        scale = g / norm
+        grad_raw = grad * scale.t().to(grad.dtype)  # (B, K)
+        grad_x = grad_raw @ v.to(grad_raw.dtype) if ctx.needs_input_grad[0] else None
+        grad_scale = (grad.float() * raw.float()).sum(dim=0).unsqueeze(1).to(v.dtype)  # (K, 1)
+        grad_g = grad_scale / norm if ctx.needs_input_grad[2] else None
+        grad_v = None
+        if ctx.needs_input_grad[1]:
+            grad_v = torch.addmm(v * (grad_scale * g / norm.pow(3)).neg_(), grad_raw.t().to(v.dtype), x.to(v.dtype))
+        return grad_x, grad_v, grad_g
+
+
 class WeightNormLinear(nn.Module):
     """Bias-free Linear with weight normalisation per output unit.
 
@@ -21,6 +66,8 @@ class WeightNormLinear(nn.Module):
     ``weight_v`` (K, b). The parameter names are those of the classic
     ``torch.nn.utils.weight_norm`` so official checkpoints load as they are.
     ``weight_v`` keeps PyTorch's default Linear init; ``weight_g`` starts at 1.
+    The forward never forms the normalised weight (`_WeightNormLinearFunction`);
+    ``weight()`` gives it for inspection.
     """
 
     def __init__(self, in_features: int, out_features: int):
@@ -32,7 +79,7 @@ class WeightNormLinear(nn.Module):
         return self.weight_v * (self.weight_g / self.weight_v.norm(dim=1, keepdim=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight())
+        return _WeightNormLinearFunction.apply(x, self.weight_v, self.weight_g)
 
 
 class DINOHead(nn.Module):

@@ -70,7 +70,10 @@ def test_baseline_path_is_the_official_one_inside_the_context():
                        for group in trainer.optimizer.param_groups)
             assert trainer_module.ema_update is bench.ema_per_parameter
             assert trainer_module.clip_gradients_per_parameter is bench.clip_per_parameter
+            last_layers = [trainer.student.head.last_layer, trainer.teacher.head.last_layer]
+            assert all(layer.forward.__func__ is bench.weight_side_forward for layer in last_layers)
         assert all(layer.fused_attn for layer in layers)
+        assert all("forward" not in vars(layer) for layer in last_layers)  # ours: the class's output-side form
         assert all(group["fused"] for group in trainer.optimizer.param_groups)  # ours: fused AdamW
 
 
@@ -126,7 +129,90 @@ def test_main_prints_both_rows_and_the_ratio(capsys):
     out = capsys.readouterr().out
     number = r"\s+[\d.]+"
     for variant in ("baseline", "ours"):
-        assert re.search(rf"^{variant}\s+float32" + 6 * number + r"\s*$", out, re.M), out
+        assert re.search(rf"^{variant}\s+float32" + 7 * number + r"\s*$", out, re.M), out
     assert re.search(r"^ours / baseline: \d+\.\d\dx images/s", out, re.M), out
+    assert re.search(r"^the step's own matmuls \(\d+ mm/addmm/bmm calls of \d+ shapes.*float32 [\d.]+ GFLOP/s", out, re.M)
     assert "GFLOP/img counted on one step" in out and "matmul peak (float32 2048^3" in out
     assert torch.get_num_threads() == threads
+
+
+# ------------------------------------------------------------------ the head's weight-normalised last layer
+def reference_weight_norm_linear(x, v, g):
+    """The weight-side form (the official ``nn.utils.weight_norm``): F.linear(x, g * v / ||v||)."""
+    return torch.nn.functional.linear(x, v * (g / v.norm(dim=1, keepdim=True)))
+
+
+def test_weight_norm_linear_matches_the_weight_side_form_and_its_gradients():
+    """The head's output-side weight norm (one matmul, the scale on the logits, a hand-written backward)
+    equals the official weight-side form in value and in every gradient, gain frozen or trained."""
+    from pretrain.head import WeightNormLinear, _WeightNormLinearFunction
+
+    torch.manual_seed(0)
+    for gain_trained in (False, True):
+        layer = WeightNormLinear(16, 300)
+        with torch.no_grad():
+            layer.weight_g.uniform_(0.5, 2.0)
+        layer.weight_g.requires_grad = gain_trained
+        x = torch.nn.functional.normalize(torch.randn(7, 16), dim=-1).requires_grad_()
+        upstream = torch.randn(7, 300)
+        ours = layer(x)
+        ours.backward(upstream)
+        got = [x.grad, layer.weight_v.grad, layer.weight_g.grad]
+        x2 = x.detach().clone().requires_grad_()
+        v2 = layer.weight_v.detach().clone().requires_grad_()
+        g2 = layer.weight_g.detach().clone().requires_grad_(gain_trained)
+        expected = reference_weight_norm_linear(x2, v2, g2)
+        expected.backward(upstream)
+        torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(layer.weight(), v2 * (g2 / v2.norm(dim=1, keepdim=True)))
+        for name, mine, theirs in zip(("x", "v", "g"), got, [x2.grad, v2.grad, g2.grad]):
+            if theirs is None:
+                assert mine is None, name
+            else:
+                torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6, msg=name)
+    # in float64 the hand-written backward passes autograd's finite-difference check
+    inputs = (torch.randn(3, 5, dtype=torch.float64, requires_grad=True),
+              torch.randn(6, 5, dtype=torch.float64, requires_grad=True),
+              (torch.rand(6, 1, dtype=torch.float64) + 0.5).requires_grad_())
+    assert torch.autograd.gradcheck(_WeightNormLinearFunction.apply, inputs)
+
+
+def test_weight_norm_linear_under_bf16_autocast_is_close_to_the_weight_side_form():
+    """Under autocast the matmuls run in bf16 (as F.linear's would): value and gradients within bf16 rounding."""
+    from pretrain.head import WeightNormLinear
+
+    torch.manual_seed(1)
+    layer = WeightNormLinear(32, 200)
+    x = torch.nn.functional.normalize(torch.randn(6, 32), dim=-1).requires_grad_()
+    upstream = torch.randn(6, 200)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = layer(x)
+    ours.float().backward(upstream)
+    assert ours.dtype == torch.bfloat16 and x.grad.dtype == torch.float32
+    assert layer.weight_v.grad.dtype == torch.float32
+    x2 = x.detach().clone().requires_grad_()
+    v2 = layer.weight_v.detach().clone().requires_grad_()
+    expected = reference_weight_norm_linear(x2, v2, layer.weight_g.detach())
+    expected.backward(upstream)
+    torch.testing.assert_close(ours.float(), expected, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(layer.weight_v.grad, v2.grad, rtol=3e-2, atol=3e-2)
+
+
+def test_recorded_matmul_shapes_are_the_counted_matmuls_and_replay():
+    """The shapes the bench replays as its second reference are exactly the step's counted matmuls."""
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = bench.bench_trainer(tmp, CPU, 2, **TINY)
+        crops = bench.random_crops(trainer, 2)
+        shapes = bench.MatmulShapes()
+        with bench.explicit_attention(trainer.student, trainer.teacher), FlopCounterMode(display=False) as counter, \
+                shapes:
+            trainer.train_step(crops, epoch=1, it=0)
+    by_op = {str(op): flops for op, flops in counter.get_flop_counts()["Global"].items()}
+    counted = sum(flops for op, flops in by_op.items() if op.split(".")[-1] in ("mm", "addmm", "bmm", "baddbmm"))
+    recorded = sum(2 * batch * m * k * n * count for (_, batch, m, k, n, _), count in shapes.counts.items())
+    assert recorded == counted > 0
+    names = {key[0] for key in shapes.counts}
+    assert {"mm", "addmm", "bmm"} <= names  # linear layers, their backward, explicit attention
+    assert "nt" in {key[-1] for key in shapes.counts}  # x @ W^T: the weight is read transposed
+    assert bench.matmul_shapes_rate(shapes.counts, CPU, torch.float32, repeats=1) > 0
