@@ -19,11 +19,13 @@ this process, so other jobs on the machine do not count):
   augmentation on the GPU, the images decoded on the CPU, in images/s of
   wall-clock time; ``nvjpeg+batched-cuda``: decoded on the GPU too (nvJPEG).
 
-Each figure is the best of ``--repeats`` passes over the images.
+Each figure is the best of ``--repeats`` passes over the images, each pass an
+epoch of its own (new crops, as in training).
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import tempfile
 import time
@@ -85,16 +87,20 @@ def measure(case: str, count: int, batch: int, repeats: int) -> list[dict]:
         encoded = EncodedCropDataset(folder, augmentation)
         decode_then_crop = DecodeThenCrop(encoded, batched)
         batches = [range(start, min(start + batch, count)) for start in range(0, count, batch)]
+        passes = itertools.count()  # each pass is a new epoch: new crops, as in training (no warm caches)
 
         def pil_path():
+            epoch = next(passes)
             for index, (path, _) in enumerate(folder.samples):
-                augmentation(load_rgb(path), sample_rng(0, 0, index))
+                augmentation(load_rgb(path), sample_rng(0, epoch, index))
 
         def decode_and_draw():
-            return [collate_decoded([decoded[(0, index)] for index in indices]) for indices in batches]
+            epoch = next(passes)
+            return [collate_decoded([decoded[(epoch, index)] for index in indices]) for indices in batches]
 
         def read_and_draw():
-            return [collate_encoded([encoded[(0, index)] for index in indices]) for indices in batches]
+            epoch = next(passes)
+            return [collate_encoded([encoded[(epoch, index)] for index in indices]) for indices in batches]
 
         def device_decode_path(device: torch.device):
             for collated in read_and_draw():

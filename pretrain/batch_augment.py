@@ -21,7 +21,9 @@ by PIL's roundings (tests/test_batch_augment.py states the bounds):
   Each pass is, for every output row of every crop, a weighted sum of K rows
   of a table (`embedding_bag`); on the CPU both passes run one crop at a time
   on tables of that crop's own pixels (its region, then its intermediate,
-  both in cache) with its own K, straight into the output tensor.
+  both in cache) with its own K (taps kept per crop length: `crop_taps`),
+  each result clamped into place (the intermediate transposed, the second
+  straight into the output tensor).
 * flip: the horizontal taps of flipped crops are read in reverse order.
 * colour jitter, position by position (p = 0..3): the op at position p of
   each jittered crop. Brightness, contrast and saturation are blends
@@ -37,10 +39,11 @@ by PIL's roundings (tests/test_batch_augment.py states the bounds):
   repeat, as in PIL.
 * solarize: x -> 1 - x where x >= 128/255; normalise: (x - mean) / std.
 
-On the CPU nothing but the outputs is allocated per call (`Scratch`: a fresh
-block of a few MiB costs more in page faults than most ops that fill it),
-and the steps after the resize run in place on chunks of crops that fit in
-cache (``CPU_CHUNK_BYTES``).
+On the CPU nothing but the outputs (and each crop pass's result, a block of
+at most a few hundred KiB that malloc recycles) is allocated per call
+(`Scratch`: a fresh block of a few MiB costs more in page faults than most ops
+that fill it), and the steps after the resize run in place on chunks of crops
+that fit in cache (``CPU_CHUNK_BYTES``).
 """
 from __future__ import annotations
 
@@ -71,11 +74,15 @@ class Scratch:
     a fresh block of a few MiB costs a page fault per 4 KiB on first touch
     (glibc gives such blocks back to the system on free), often more than the
     op that fills it. Without ``keep`` every call is a fresh ``torch.empty``.
-    A caller owns a name's contents only until its next request of that name."""
+    A caller owns a name's contents only until its next request of that name.
+    With ``keep`` it also keeps constants (`expanded`) and resize taps per crop
+    length (``taps``, `crop_taps`)."""
 
     def __init__(self, keep: bool = False):
         self.keep = keep
         self.buffers: dict[str, torch.Tensor] = {}
+        self.taps: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # `crop_taps`, least recently used first
+        self.taps_bytes = 0
 
     def __call__(self, name: str, shape, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         numel = math.prod(shape)
@@ -85,6 +92,17 @@ class Scratch:
             if self.keep:
                 self.buffers[name] = flat
         return flat[:numel].view(shape)
+
+    def expanded(self, name: str, value: torch.Tensor, shape) -> torch.Tensor:
+        """``value`` broadcast to ``shape`` (N, ...), materialised (contiguous). With ``keep`` it is kept
+        under ``name`` and refilled only for a larger N or other trailing dims: one name, one value."""
+        kept = self.buffers.get(name)
+        if (kept is None or len(kept) < shape[0] or kept.shape[1:] != tuple(shape[1:]) or kept.device != value.device
+                or kept.dtype != value.dtype):
+            kept = value.expand(shape).contiguous()
+            if self.keep:
+                self.buffers[name] = kept
+        return kept[:shape[0]]
 
 
 FRESH = Scratch()  # no reuse: every buffer a fresh tensor
@@ -122,10 +140,6 @@ def resample_taps(start: torch.Tensor, length: torch.Tensor, size: int) -> tuple
     return index, weight.float()
 
 
-# embedding_bag's out= variant (an ATen op without a Python wrapper): its result written into a given buffer
-EMBEDDING_BAG_OUT = getattr(getattr(torch.ops.aten, "_embedding_bag_forward_only", None), "out", None)
-
-
 def weighted_rows(table: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """out[r] = sum_k weight[r, k] * table[index[r, k]]: (R, K) CPU taps -> (R, table columns)."""
     device = table.device
@@ -144,15 +158,71 @@ def source_planes(images: torch.Tensor, out: torch.Tensor | None = None,
     return out.copy_(images.flatten(0, 1).transpose(1, 2))
 
 
-def bags_into(table: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """`weighted_rows` (R, K taps) into ``out`` (R, table columns) on the CPU, by embedding_bag's
-    out= variant where there is one (the same kernel: the same sums in the same order)."""
-    if EMBEDDING_BAG_OUT is None:
-        return out.copy_(weighted_rows(table, index, weight))
-    rows, taps = index.shape
-    aux = [torch.empty(0, dtype=torch.long) for _ in range(3)]  # offset2bag, bag sizes, max indices
-    return EMBEDDING_BAG_OUT(table, index.reshape(-1), torch.arange(0, rows * taps, taps), False, 0, False,
-                             weight.reshape(-1), False, -1, out0=out, out1=aux[0], out2=aux[1], out3=aux[2])[0]
+# embedding_bag's forward kernel (an ATen op without a Python wrapper), and its bag offsets by (rows, taps)
+EMBEDDING_BAG = getattr(torch.ops.aten, "_embedding_bag_forward_only", None)
+BAG_OFFSETS: dict[tuple[int, int], torch.Tensor] = {}  # (rows, taps) -> arange(0, rows taps, taps)
+
+
+def bag_offsets(rows: int, taps: int) -> torch.Tensor:
+    """arange(0, rows taps, taps): the first tap of each of ``rows`` bags of ``taps`` (kept)."""
+    offsets = BAG_OFFSETS.get((rows, taps))
+    if offsets is None:
+        offsets = BAG_OFFSETS.setdefault((rows, taps), torch.arange(0, rows * taps, taps))
+    return offsets
+
+
+def bags(table: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """`weighted_rows` for CPU taps given flat, R rows of K: ``index``, ``weight`` (R K,), ``offsets``
+    `bag_offsets` (R, K). A fresh (R, table columns) tensor, straight from the ATen kernel (its out=
+    variant computes the same tensor and then copies it into out, a pass more: the callers clamp it
+    into place instead)."""
+    if EMBEDDING_BAG is None:
+        return weighted_rows(table, index.view(len(offsets), -1), weight.view(len(offsets), -1))
+    return EMBEDDING_BAG(table, index, offsets, False, 0, False, weight, False, -1)[0]
+
+
+TAPS_CACHE_BYTES = 2**26  # a kept `Scratch`'s `crop_taps` entries, least recently used dropped beyond this
+
+
+def crop_taps(lengths: list[int], size: int, flips: list[bool], vertical: bool,
+              scratch: Scratch = FRESH) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """One resize pass's taps for each of N crops, on the tables of `resize_crops`'s per-crop path:
+    crop n's (3 length, columns) table, rows (channel, x) with x in [0, length), to rows
+    (channel, j). Returns N (rows, weights, offsets) for `bags`: rows and weights (3 size k,), the
+    (3 size, k) taps flat, `resample_taps` of the crop (mirrored along j where ``flips[n]``;
+    weights / 255 where ``vertical``) with the table row c length + x, cut to the crop's own k
+    taps (the rest weigh 0); offsets `bag_offsets` (3 size, k).
+
+    They depend on (length, size, flip, vertical) only: a kept ``scratch`` keeps them (up to
+    ``TAPS_CACHE_BYTES``, least recently used dropped first), so a length seen before costs a
+    look-up; the missing ones are computed together."""
+    channels = 3
+    keys = [(length, size, bool(flip), vertical) for length, flip in zip(lengths, flips)]
+    store = scratch.taps if scratch.keep else {}
+    missing = list(dict.fromkeys(key for key in keys if key not in store))
+    if missing:
+        length = torch.tensor([key[0] for key in missing])
+        index, weight = resample_taps(torch.zeros_like(length), length, size)
+        flipped = torch.tensor([key[2] for key in missing])[:, None, None]
+        index = torch.where(flipped, index.flip(1), index)
+        weight = torch.where(flipped, weight.flip(1), weight)
+        taps = ((weight != 0).any(1).int().cumsum(1).argmax(1) + 1).tolist()
+        weight = weight / 255 if vertical else weight
+        for m, key in enumerate(missing):
+            rows = (index[m, :, :taps[m]] + key[0] * torch.arange(channels)[:, None, None]).view(-1)
+            store[key] = (rows, weight[m, :, :taps[m]].repeat(channels, 1).view(-1),
+                          bag_offsets(channels * size, taps[m]))
+            scratch.taps_bytes += 12 * rows.numel() if scratch.keep else 0
+    found = []
+    for key in keys:
+        entry = store[key]
+        if scratch.keep:  # most recently used last
+            del store[key]
+            store[key] = entry
+        found.append(entry)
+    while scratch.taps_bytes > TAPS_CACHE_BYTES and len(store) > len(keys):
+        scratch.taps_bytes -= 12 * store.pop(next(iter(store)))[0].numel()
+    return found
 
 
 def resize_crops(source: torch.Tensor, owner: torch.Tensor, box: torch.Tensor, flip: torch.Tensor,
@@ -171,43 +241,43 @@ def resize_crops(source: torch.Tensor, owner: torch.Tensor, box: torch.Tensor, f
     nothing outside the crop is computed and every intermediate stays in
     cache: the horizontal pass reads the crop's region (columns
     [left, left + width) of rows [top, top + height), converted to float),
-    the vertical pass the crop's (3 height, size) transposed intermediate; no
-    result is allocated (`Scratch` buffers and ``out``). Otherwise all crops
-    and all H rows of their images go through each pass in one call."""
+    the vertical pass the crop's (3 height, size) transposed intermediate,
+    each pass's result clamped into a `Scratch` buffer or ``out``; the taps
+    come from `crop_taps` (kept in ``scratch`` per crop length). Otherwise all
+    crops and all H rows of their images go through each pass in one call."""
     channels = 3
     _, width, height = source.shape
     per_crop = source.device.type == "cpu" if per_crop is None else per_crop
+    if per_crop:
+        out = torch.empty(len(owner), channels, size, size) if out is None else out
+        tops, lefts, heights, widths = box.unbind(1)
+        heights, widths, flips = heights.tolist(), widths.tolist(), flip.tolist()
+        # horizontal: crop n's table rows (channel, x - left), columns y - top -> rows (channel, j)
+        x_taps = crop_taps(widths, size, flips, False, scratch)
+        # vertical: crop n's table rows (channel, y - top), columns j -> rows (channel, i); 1/255 in the weights
+        y_taps = crop_taps(heights, size, [False] * len(heights), True, scratch)
+        region = scratch("region", (channels * max(h * w for h, w in zip(heights, widths)),), source.device)
+        down_table = scratch("down_table", (channels * max(heights) * size,), source.device)
+        rows_out = out.view(-1, size)  # crop n: rows [3 size n, 3 size (n + 1))
+        plane = width * height
+        region_at, down_at, source_at = region.storage_offset(), down_table.storage_offset(), source.storage_offset()
+        # every view below is one as_strided (a crop's few small ops cost as much as its passes)
+        for n, (image, top, left, count, span) in enumerate(zip(
+                owner.tolist(), tops.tolist(), lefts.tolist(), heights, widths)):
+            crop_table = region.as_strided((channels * span, count), (count, 1), region_at)
+            crop_table.as_strided((channels, span, count), (span * count, count, 1), region_at).copy_(
+                source.as_strided((channels, span, count), (plane, height, 1),
+                                  source_at + image * channels * plane + left * height + top))
+            across = bags(crop_table, *x_taps[n])
+            crop_down = down_table.as_strided((channels * count, size), (size, 1), down_at)
+            torch.clamp(across.as_strided((channels, count, size), (size * count, 1, count), across.storage_offset()),
+                        0, 255, out=crop_down.as_strided((channels, count, size), (count * size, size, 1), down_at))
+            torch.clamp(bags(crop_down, *y_taps[n]), 0, 1, out=rows_out[channels * size * n:channels * size * (n + 1)])
+        return out
     x_index, x_weight = resample_taps(box[:, 1], box[:, 3], size)
     x_index = torch.where(flip[:, None, None], x_index.flip(1), x_index)
     x_weight = torch.where(flip[:, None, None], x_weight.flip(1), x_weight)
     y_index, y_weight = resample_taps(box[:, 0], box[:, 2], size)
-    if per_crop:
-        out = torch.empty(len(owner), channels, size, size) if out is None else out
-        tops, lefts, heights, widths = box.unbind(1)
-        # horizontal: crop n's table rows (channel, x - left), columns y - top -> rows (channel, j)
-        x_rows = ((x_index - lefts[:, None, None])[:, None] + (widths[:, None] * torch.arange(channels))[..., None, None])
-        x_rows = x_rows.flatten(1, 2)  # (N, 3 size, K)
-        x_taps = ((x_weight != 0).any(1).int().cumsum(1).argmax(1) + 1).tolist()  # the rest weigh 0
-        x_weights = x_weight.repeat(1, channels, 1)
-        # vertical: crop n's table rows (channel, y - top), columns j -> rows (channel, i); 1/255 in the weights
-        y_rows = ((y_index - tops[:, None, None])[:, None] + (heights[:, None] * torch.arange(channels))[..., None, None])
-        y_rows = y_rows.flatten(1, 2)
-        y_taps = ((y_weight != 0).any(1).int().cumsum(1).argmax(1) + 1).tolist()
-        y_weights = (y_weight / 255).repeat(1, channels, 1)
-        region = scratch("region", (channels * int((heights * widths).max()),), source.device)
-        across = scratch("across", (channels * size * int(heights.max()),), source.device)
-        down_table = scratch("down_table", (channels * int(heights.max()) * size,), source.device)
-        for n, (image, top, left, count, span, kx, ky) in enumerate(zip(
-                owner.tolist(), tops.tolist(), lefts.tolist(), heights.tolist(), widths.tolist(), x_taps, y_taps)):
-            crop_table = region[:channels * span * count].view(channels * span, count)
-            crop_table.view(channels, span, count).copy_(
-                source[image * channels:(image + 1) * channels, left:left + span, top:top + count])
-            done = bags_into(crop_table, x_rows[n, :, :kx], x_weights[n, :, :kx],
-                             across[:channels * size * count].view(channels * size, count))
-            crop_down = down_table[:channels * count * size].view(channels, count, size)
-            crop_down.copy_(done.view(channels, size, count).transpose(1, 2)).clamp_(0, 255)
-            bags_into(crop_down.view(-1, size), y_rows[n, :, :ky], y_weights[n, :, :ky], out[n].view(-1, size)).clamp_(0, 1)
-        return out
     # horizontal pass: rows (image, channel, x) -> rows (crop, channel, j), columns y, transposed (and
     # clamped) into the vertical pass's table: rows (crop, channel, y)
     table = source.view(-1, height)
@@ -231,14 +301,22 @@ def on_rows(x: torch.Tensor, chosen: torch.Tensor, op, *per_row: torch.Tensor,
             scratch: Scratch = FRESH) -> torch.Tensor:
     """x[n] <- op(x[n], per_row[.][n]..., scratch) for the rows where the CPU mask ``chosen`` (N,) holds,
     in place; where it holds for every row, op's result on x itself (ops work in place where they can).
-    The chosen rows are gathered into the scratch buffer "rows"."""
+    The chosen rows are gathered into the scratch buffer "rows" and copied back: on the CPU one copy per
+    run of consecutive rows (index_copy_ is several times slower there than plain copies)."""
     if len(x) and bool(chosen.all()):  # every row: no gather and scatter
         return op(x, *per_row, scratch=scratch)
     rows = chosen.nonzero()[:, 0]
     if len(rows):
         index = rows.to(x.device)
         picked = torch.index_select(x, 0, index, out=scratch("rows", (len(rows), *x.shape[1:]), x.device))
-        x.index_copy_(0, index, op(picked, *(value[rows] for value in per_row), scratch=scratch))
+        done = op(picked, *(value[rows] for value in per_row), scratch=scratch)
+        if x.device.type != "cpu":
+            return x.index_copy_(0, index, done)
+        # runs of consecutive rows: starts where a row does not follow the previous one
+        starts = torch.cat([torch.ones(1, dtype=torch.bool), rows[1:] != rows[:-1] + 1]).nonzero()[:, 0].tolist()
+        for first, end in zip(starts, starts[1:] + [len(rows)]):
+            row = int(rows[first])
+            x[row:row + end - first].copy_(done[first:end])
     return x
 
 
@@ -271,26 +349,44 @@ def rotate_hue(x: torch.Tensor, shift: torch.Tensor, scratch: Scratch = FRESH) -
     if g = M, else (r - g)/C + 4 + 6 shift, channel c of the result is
     m + C clamp(|u_c| - 1, 0, 1) with u_c = ((h + 6, 4, 2 for r, g, b) mod 6) - 3, the
     hue distance from the channel's hue 2c minus 3 (HSV -> RGB: the channel is M
-    within one sixth of its own hue, m beyond two sixths, linear in between).
-    Scratch: five (N, 1, H, W) planes; x is overwritten once h is known.
+    within one sixth of its own hue, m beyond two sixths, linear in between);
+    u_c = (v - 3) - 6 [v >= 6], v = h + (6, 4, 2), where every |shift| <= 1/6.
+
+    The branch is taken with 1/0 masks R (r = M), G (g = M, r < M), B = 1 - R - G, not
+    selections: hC - (0, 2 or 4)C = R (g - b) + G (b - r) + B (r - g) and h = that / C +
+    R 6 shift + G (6 shift + 2) + B (6 shift + 4) are the same floats (each sum adds
+    exact zeros to the one term it keeps), several times cheaper on the CPU than where().
+    Scratch: eight (N, 1, H, W) planes and one like x; x is overwritten once h is known.
     """
     plane = (len(x), 1, *x.shape[2:])
     r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]
     top = torch.amax(x, 1, keepdim=True, out=scratch("hue_top", plane, x.device))
     bottom = torch.amin(x, 1, keepdim=True, out=scratch("hue_bottom", plane, x.device))
     chroma = torch.sub(top, bottom, out=scratch("hue_chroma", plane, x.device))
-    red = torch.eq(r, top, out=scratch("hue_red", plane, x.device, torch.bool))
-    green = torch.eq(g, top, out=scratch("hue_green", plane, x.device, torch.bool))
+    # the masks R, G, B as 1/0 floats
+    red = torch.eq(r, top, out=scratch("hue_red", plane, x.device))
+    green = torch.eq(g, top, out=scratch("hue_green", plane, x.device))
+    green = torch.gt(green, red, out=green)
+    blue = torch.add(red, green, out=scratch("hue_blue", plane, x.device))
+    blue = torch.eq(blue, 0, out=blue)
     sixths = scratch("hue_sixths", plane, x.device)
     other = scratch("hue_other", plane, x.device)
-    # h C - (0, 2 or 4) C: (g - b) where r = M, else (b - r) where g = M, else (r - g)
-    torch.where(green, torch.sub(b, r, out=sixths), torch.sub(r, g, out=other), out=other)
-    torch.where(red, torch.sub(g, b, out=sixths), other, out=sixths)
+    # h C - (0, 2 or 4) C = R (g - b) + G (b - r) + B (r - g)
+    torch.sub(g, b, out=sixths).mul_(red)
+    sixths.addcmul_(torch.sub(b, r, out=other), green).addcmul_(torch.sub(r, g, out=other), blue)
     sixths.div_(torch.clamp(chroma, min=1e-12, out=other))
     turn = per_sample(shift * 6, x)
-    sixths.add_(torch.where(red, turn, torch.where(green, turn + 2, turn + 4, out=other), out=other))
-    u = torch.add(sixths, torch.tensor([6.0, 4.0, 2.0], device=x.device).view(1, 3, 1, 1), out=x)
-    u = u.remainder_(6).sub_(3).abs_().sub_(1).clamp_(0, 1)
+    sixths.addcmul_(red, turn).addcmul_(green, turn + 2).addcmul_(blue, turn + 4)
+    v = torch.add(sixths, torch.tensor([6.0, 4.0, 2.0], device=x.device).view(1, 3, 1, 1), out=x)
+    if bool((shift.abs() <= 1 / 6).all()):
+        # then h in [-2, 6], v in [0, 12], where u_c = (v mod 6) - 3 = (v - 3) - 6 [v - 3 >= 3], the same floats
+        # (v - 3 is exact for v >= 3/2, so (v - 3) - 6 = (v - 6) - 3 = v - 9 exactly where v >= 6), without
+        # remainder's slow elementwise kernel
+        v = v.sub_(3)
+        u = v.add_(torch.ge(v, 3, out=scratch("hue_far", v.shape, x.device)), alpha=-6).abs_()
+    else:
+        u = v.remainder_(6).sub_(3).abs_()
+    u = u.sub_(1).clamp_(0, 1)
     return torch.addcmul(bottom, u, chroma, out=u)
 
 
@@ -309,15 +405,18 @@ def color_jitter(x: torch.Tensor, applied: torch.Tensor, factors: torch.Tensor, 
     Hue: PIL's HSV shift, or `pretrain.augment.rotate_hue_yiq` (``hue_space="yiq"``)."""
     shift = pil_hue_shift(factors[:, 3]) if hue_space == "hsv" else factors[:, 3]
     hue_op = rotate_hue if hue_space == "hsv" else (lambda rows, turns, scratch: rotate_hue_yiq(rows, turns))
+    # every position's op, factor (1 where no blend) and target weights at once: (P, N, 1, 1, 1) on x's device
+    op = torch.where(applied[:, None], order, -1)
+    factor = torch.where((op >= 0) & (op <= 2), factors.gather(1, op.clamp(0, 2)), 1.0)
+    factor, saturation, contrast = (value.t().to(device=x.device, dtype=x.dtype).reshape(*value.t().shape, 1, 1, 1)
+                                    for value in (factor, op == 2, op == 1))
+    rotated = (op == 3) & (shift != 0)[:, None]
     for position in range(order.shape[1]):
-        op = torch.where(applied, order[:, position], -1)
-        blended = (op >= 0) & (op <= 2)
-        factor = torch.where(blended, factors.gather(1, op.clamp(0, 2)[:, None])[:, 0], 1.0)
         target = luma(x, scratch("luma", (len(x), 1, *x.shape[2:]), x.device))
         mean = target.mean((2, 3), keepdim=True)
-        target.mul_(per_sample(op == 2, x)).add_(mean.mul_(per_sample(op == 1, x)))
-        torch.lerp(target.expand_as(x), x, per_sample(factor, x), out=x).clamp_(0, 1)
-        x = on_rows(x, (op == 3) & (shift != 0), hue_op, shift, scratch=scratch)
+        target.mul_(saturation[position]).add_(mean.mul_(contrast[position]))
+        torch.lerp(target.expand_as(x), x, factor[position], out=x).clamp_(0, 1)
+        x = on_rows(x, rotated[:, position], hue_op, shift, scratch=scratch)
     return x
 
 
@@ -334,29 +433,39 @@ def box_blur_kernels(radius: torch.Tensor) -> torch.Tensor:
     return (weight / (2 * half + 1 + 2 * edge)[:, None]).float()
 
 
+def box_half_widths(radius: torch.Tensor) -> torch.Tensor:
+    """L of `box_blur_kernels` for each radius (N,): floor((sqrt(4 r^2 + 1) - 1) / 2), as it computes it."""
+    variance = radius.double() ** 2 / BLUR_PASSES
+    return torch.floor((torch.sqrt(12 * variance + 1) - 1) / 2)
+
+
 def gaussian_blur(x: torch.Tensor, radius: torch.Tensor, scratch: Scratch = FRESH) -> torch.Tensor:
     """PIL's GaussianBlur(radius[n]) of each x[n] (N, 3, H, W): ``BLUR_PASSES``
     extended-box passes along W, then along H, edge pixels repeated each pass.
 
     Each pass reads a buffer padded by ``pad`` on both sides of the axis and
     writes straight into the middle of the other one, whose margins are then
-    filled with its edge pixels (no padded copy per pass); the last pass writes into x."""
+    filled with its edge pixels (no padded copy per pass); the last pass along W
+    writes into the middle of the first buffer along H, the last along H into x."""
     kernels = box_blur_kernels(radius).to(x.device)
     taps = kernels.shape[1]
     weights = kernels.view(len(x), 1, 1, 1, taps).unbind(-1)
     pad = taps // 2
+    padded_buffers = {}
     for dim in (3, 2):
-        length = x.shape[dim]
         shape = list(x.shape)
         shape[dim] += 2 * pad
-        buffers = [scratch(f"blur{dim}_{k}", shape, x.device) for k in range(2)]
-        buffers[0].narrow(dim, pad, length).copy_(x)
+        padded_buffers[dim] = [scratch(f"blur{dim}_{k}", shape, x.device) for k in range(2)]
+    padded_buffers[3][0].narrow(3, pad, x.shape[3]).copy_(x)
+    for dim, last in ((3, padded_buffers[2][0].narrow(2, pad, x.shape[2])), (2, x)):
+        length = x.shape[dim]
+        buffers = padded_buffers[dim]
         for step in range(BLUR_PASSES):
             padded = buffers[step % 2]
             padded.narrow(dim, 0, pad).copy_(padded.narrow(dim, pad, 1).expand_as(padded.narrow(dim, 0, pad)))
             padded.narrow(dim, pad + length, pad).copy_(padded.narrow(dim, pad + length - 1, 1)
                                                         .expand_as(padded.narrow(dim, 0, pad)))
-            out = buffers[1 - step % 2].narrow(dim, pad, length) if step < BLUR_PASSES - 1 else x
+            out = buffers[1 - step % 2].narrow(dim, pad, length) if step < BLUR_PASSES - 1 else last
             out = torch.mul(padded.narrow(dim, 0, length), weights[0], out=out)
             for tap in range(1, taps):
                 out.addcmul_(padded.narrow(dim, tap, length), weights[tap])
@@ -400,9 +509,16 @@ class BatchMultiCrop:
         scratch = self.scratch if x.device.type == "cpu" else FRESH
         x = color_jitter(x, p["jitter"], p["factors"], p["order"], self.hue_space, scratch=scratch)
         x = on_rows(x, p["grayscale"], to_gray, scratch=scratch)
-        x = on_rows(x, p["blur"], gaussian_blur, p["blur_radius"], scratch=scratch)
+        # blurred crops grouped by box half-width L (2L + 3 taps each; most radii < sqrt 2 have L = 0): a
+        # group's kernels are as wide as its own L needs, not the chunk's widest (the extra taps weigh 0)
+        half = box_half_widths(p["blur_radius"])
+        for width in half[p["blur"]].unique().tolist():
+            x = on_rows(x, p["blur"] & (half == width), gaussian_blur, p["blur_radius"], scratch=scratch)
         x = on_rows(x, p["solarize"], solarize, scratch=scratch)
-        torch.addcmul(self.shift.to(x.device), x, self.scale.to(x.device), out=out)
+        shift = self.shift.to(x.device)
+        if x.device.type == "cpu":  # addcmul runs a scalar loop there when its first operand is broadcast
+            shift = scratch.expanded(f"shift{x.shape[-1]}", shift, x.shape)
+        torch.addcmul(shift, x, self.scale.to(x.device), out=out)
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, params: dict[str, torch.Tensor]) -> list[torch.Tensor]:
