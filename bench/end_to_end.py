@@ -35,13 +35,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -49,12 +45,11 @@ import torch
 from bench.augment_throughput import photo_like
 from data.suite import render_object_image
 from bench.train_throughput import official_choices, synchronize, variant_precision
-from pretrain.backbones import VIT_SPECS
+from bench.variant_process import add_model_arguments, bench_main, result_of
 from pretrain.config import resolve
 from pretrain.distributed import DistInfo
 from pretrain.trainer import Trainer, peak_memory_gb
 
-REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("baseline", "ours", "ours-device")
 RESULT_TAG = "E2E-RESULT "
 UNIQUE_IMAGES = 32  # distinct JPEGs written; the folder repeats them (hard links) to the size a run reads
@@ -132,25 +127,15 @@ def run_variant(variant: str, args: argparse.Namespace, device: torch.device) ->
 
 
 def variant_in_subprocess(variant: str, argv: list[str]) -> dict:
-    command = [sys.executable, "-m", "bench.end_to_end", *argv, "--run-variant", variant]
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
-    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_TAG)]
-    if done.returncode or not lines:
-        sys.stderr.write(done.stdout + done.stderr)
-        raise RuntimeError(f"the {variant} variant failed (exit status {done.returncode})")
-    return json.loads(lines[-1][len(RESULT_TAG):])
+    """`run_variant` in a fresh Python process (its own peak memory); the result comes back as JSON."""
+    return result_of("bench.end_to_end", argv, variant, RESULT_TAG)
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="paper", choices=("paper", "demo"),
                         help="paper: the sizes below on 500x375 JPEGs; demo: the demo preset on 32-px suite PNGs")
-    parser.add_argument("--arch", default="vit_small", choices=sorted(VIT_SPECS))
-    parser.add_argument("--patch", type=int, default=16, choices=(16, 8))
-    parser.add_argument("--global-size", type=int, default=224, help="global crop side (2 per image)")
-    parser.add_argument("--local-size", type=int, default=96, help="local crop side")
-    parser.add_argument("--locals", type=int, default=10, help="local crops per image (the paper's 10)")
-    parser.add_argument("--out-dim", type=int, default=65536, help="head prototypes K")
+    add_model_arguments(parser)
     parser.add_argument("--batch", type=int, default=None, help="images per step (default: 4 on CPU, 128 on CUDA)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per variant (default: 3 CPU, 20 CUDA)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 1 CPU, 5 CUDA)")
@@ -190,18 +175,8 @@ def compare(args: argparse.Namespace, argv: list[str]) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
-        if args.run_variant:
-            print(RESULT_TAG + json.dumps(run_variant(args.run_variant, args, torch.device(args.device))), flush=True)
-        else:
-            compare(args, argv)
-    finally:
-        torch.set_num_threads(threads)
-    return 0
+    return bench_main(argv, parse_args, lambda args: run_variant(args.run_variant, args, torch.device(args.device)),
+                      compare, RESULT_TAG)
 
 
 if __name__ == "__main__":

@@ -58,13 +58,9 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 from PIL import Image
@@ -72,13 +68,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import pretrain.trainer as trainer_module
+from bench.variant_process import add_model_arguments, bench_main, result_of
 from pretrain.backbones import VIT_SPECS
 from pretrain.config import TrainConfig, resolve
 from pretrain.distributed import DistInfo
 from pretrain.head import WeightNormLinear
 from pretrain.trainer import Trainer, autocast_dtype, peak_memory_gb
 
-REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("baseline", "ours")
 RESULT_TAG = "VARIANT-RESULT "
 # the issue's estimate for ViT-S/16 at 2x224 + 10x96: student forward + backward, teacher forward
@@ -396,26 +392,13 @@ def run_variant(variant: str, args: argparse.Namespace, device: torch.device, co
 
 def variant_in_subprocess(variant: str, argv: list[str], count_flops: bool) -> dict:
     """`run_variant` in a fresh Python process (its own peak memory); the result comes back as JSON."""
-    command = [sys.executable, "-m", "bench.train_throughput", *argv, "--run-variant", variant]
-    if count_flops:
-        command.append("--count-flops")
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
-    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_TAG)]
-    if done.returncode or not lines:
-        sys.stderr.write(done.stdout + done.stderr)
-        raise RuntimeError(f"the {variant} variant failed (exit status {done.returncode})")
-    return json.loads(lines[-1][len(RESULT_TAG):])
+    return result_of("bench.train_throughput", argv, variant, RESULT_TAG, ("--count-flops",) if count_flops else ())
 
 
 # ------------------------------------------------------------------ the table
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", default="vit_small", choices=sorted(VIT_SPECS))
-    parser.add_argument("--patch", type=int, default=16, choices=(16, 8))
-    parser.add_argument("--global-size", type=int, default=224, help="global crop side (2 per image)")
-    parser.add_argument("--local-size", type=int, default=96, help="local crop side")
-    parser.add_argument("--locals", type=int, default=10, help="local crops per image (the paper's 10)")
-    parser.add_argument("--out-dim", type=int, default=65536, help="head prototypes K")
+    add_model_arguments(parser)
     parser.add_argument("--batch", type=int, default=None, help="images per step (default: 8 on CPU, 64 on CUDA)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per variant (default: 3 CPU, 20 CUDA)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 1 CPU, 5 CUDA)")
@@ -437,19 +420,9 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
-        if args.run_variant:
-            result = run_variant(args.run_variant, args, torch.device(args.device), args.count_flops)
-            print(RESULT_TAG + json.dumps(result), flush=True)
-        else:
-            compare(args, argv)
-    finally:
-        torch.set_num_threads(threads)  # as it was (main may run inside another program, e.g. the tests)
-    return 0
+    def run_one(args: argparse.Namespace) -> dict:
+        return run_variant(args.run_variant, args, torch.device(args.device), args.count_flops)
+    return bench_main(argv, parse_args, run_one, compare, RESULT_TAG)
 
 
 def compare(args: argparse.Namespace, argv: list[str]) -> None:
