@@ -29,7 +29,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from data.imagefolder import BadImageError, EncodedImage, ImageFolder, load_rgb
 
-from .augment import CropParams, MultiCropAugmentation, MultiCropDataset, pack_params, sample_rng
+from .augment import CropParams, DecodedCropDataset, MultiCropAugmentation, pack_params, sample_rng
 
 
 class EncodedSample(NamedTuple):
@@ -56,7 +56,7 @@ class EncodedBatch(NamedTuple):
     params: dict[str, torch.Tensor]
 
 
-class EncodedCropDataset(MultiCropDataset):
+class EncodedCropDataset(DecodedCropDataset):
     """``dataset[(epoch, index)]`` -> `EncodedSample`: the file read (not decoded
     when it is a JPEG) and its crops' `CropParams`, drawn exactly as
     `DecodedCropDataset` draws them (same generator, same image size)."""
@@ -73,12 +73,8 @@ class EncodedCropDataset(MultiCropDataset):
         params = self.augmentation.draw(image.width, image.height, sample_rng(self.seed, epoch, index))
         return EncodedSample(image, params, (epoch, index))
 
-    def decoded(self, key: tuple[int, int]) -> tuple[torch.Tensor, list[CropParams]]:
-        """What the workers' decoding path gives for ``key`` (uint8 (3, H, W), its crops' params), made here."""
-        epoch, index = key
-        image, _ = self.base[index]
-        return TF.pil_to_tensor(image), self.augmentation.draw(image.width, image.height,
-                                                               sample_rng(self.seed, epoch, index))
+    # ``decoded(key)``: what the workers' decoding path gives for ``key`` (uint8 (3, H, W), its crops' params)
+    decoded = DecodedCropDataset.__getitem__
 
 
 def collate_encoded(samples: list[EncodedSample]) -> EncodedBatch:
@@ -101,13 +97,13 @@ def decode_jpegs(data: list[torch.Tensor], device: torch.device) -> list[torch.T
         return []
     try:
         return list(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
-    except RuntimeError:
+    except (RuntimeError, ValueError):
         pass
     decoded: list[torch.Tensor | None] = []
     for item in data:
         try:
             decoded.append(decode_jpeg(item, mode=ImageReadMode.RGB, device=device))
-        except RuntimeError:
+        except (RuntimeError, ValueError):
             decoded.append(None)
     return decoded
 
