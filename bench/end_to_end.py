@@ -44,7 +44,7 @@ import torch
 
 from bench.augment_throughput import photo_like
 from data.suite import render_object_image
-from bench.train_throughput import official_choices, synchronize, variant_precision
+from bench.train_throughput import flat_schedules, official_choices, synchronize, variant_precision
 from bench.variant_process import add_model_arguments, bench_main, result_of
 from pretrain.config import resolve
 from pretrain.distributed import DistInfo
@@ -95,10 +95,7 @@ def run_variant(variant: str, args: argparse.Namespace, device: torch.device) ->
     with tempfile.TemporaryDirectory() as tmp:
         data = write_images(tmp + "/data", args.batch * steps, "suite" if args.preset == "demo" else "jpeg")
         cfg = bench_config(args, data, tmp + "/run", variant, device)
-        trainer = Trainer(cfg, DistInfo(device=device))
-        trainer.lr_schedule = [5e-4] * (steps + 1)  # flat at a real run's values (bench.train_throughput)
-        trainer.wd_schedule = [0.04] * (steps + 1)
-        trainer.momentum_schedule = [0.996] * (steps + 1)
+        trainer = flat_schedules(Trainer(cfg, DistInfo(device=device)), steps + 1)
         loader = trainer.make_loader()
         trainer.sampler.set_epoch(0)
         if device.type == "cuda":
@@ -106,16 +103,17 @@ def run_variant(variant: str, args: argparse.Namespace, device: torch.device) ->
         context = official_choices(trainer) if variant == "baseline" else contextlib.nullcontext()
         with context:
             batches = iter(loader)
-            for it in range(args.warmup):
-                loss = trainer.train_step(next(batches), epoch=1, it=it)
+
+            def step(crops, it: int) -> None:
+                loss = trainer.train_step(crops, epoch=1, it=it)
                 if variant == "baseline":
-                    loss.item()
+                    loss.item()  # the official loop checks math.isfinite(loss.item()) every step
+            for it in range(args.warmup):
+                step(next(batches), it)
             synchronize(device)
             start = time.perf_counter()
             for it in range(args.warmup, steps):
-                loss = trainer.train_step(next(batches), epoch=1, it=it)
-                if variant == "baseline":
-                    loss.item()  # the official loop checks math.isfinite(loss.item()) every step
+                step(next(batches), it)
             synchronize(device)
             seconds = (time.perf_counter() - start) / args.steps
         memory = peak_memory_gb(device)

@@ -100,18 +100,21 @@ def bench_trainer(tmp: str, device: torch.device, schedule_length: int, preset: 
                   **overrides) -> Trainer:
     """A Trainer of ``preset`` + ``overrides`` on a dummy folder in ``tmp``.
 
-    Its schedules are flat over ``schedule_length`` steps at values of a real
-    run (lr 5e-4, weight decay 0.04, teacher momentum 0.996), so the weights
-    stay in a normal range however many steps a bench takes. The crops come
+    Its schedules are flat over ``schedule_length`` steps (`flat_schedules`). The crops come
     ready (`random_crops`), so the step takes them as the loader path does
     (``augment_on="loader"``: only moved to the device), whatever the preset says.
     """
     cfg = resolve(preset, data=make_folder(tmp + "/data", 8), output_dir=tmp + "/run",
                   batch_size_per_gpu=1, num_workers=0, **{**overrides, "augment_on": "loader"})
-    trainer = Trainer(cfg, DistInfo(device=device))
-    trainer.lr_schedule = [5e-4] * schedule_length
-    trainer.wd_schedule = [0.04] * schedule_length
-    trainer.momentum_schedule = [0.996] * schedule_length
+    return flat_schedules(Trainer(cfg, DistInfo(device=device)), schedule_length)
+
+
+def flat_schedules(trainer: Trainer, length: int) -> Trainer:
+    """``trainer`` with its schedules flat over ``length`` steps at values of a real run (lr 5e-4, weight
+    decay 0.04, teacher momentum 0.996): the weights stay in a normal range however many steps a bench takes."""
+    trainer.lr_schedule = [5e-4] * length
+    trainer.wd_schedule = [0.04] * length
+    trainer.momentum_schedule = [0.996] * length
     return trainer
 
 
