@@ -564,8 +564,9 @@ class BatchMultiCrop:
         for group in groups:
             members = torch.tensor(group)
             part = self(pad_images([images[i] for i in group]), {name: value[:, members] for name, value in params.items()})
+            slots = members.to(device)
             for out, crop in zip(crops, part):
-                out[members.to(device)] = crop
+                out[slots] = crop
         return crops
 
     def on_device(self, batch: DecodedBatch, device: torch.device) -> list[torch.Tensor]:
