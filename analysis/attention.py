@@ -14,13 +14,16 @@ Both are nearest-upsampled by p to (H, W), so each patch is a p x p block. The g
 top rows, the image then one heatmap of A[k] per head (viridis, each head scaled to its own range);
 bottom rows, the image with the union of all masks, then each head's mask (red tint, white outline).
 More than `HEADS_PER_ROW` heads wrap onto further rows; unused cells are blank. One PNG per input
-image, ``<out>/attention_<stem>.png`` (``_2``, ``_3``... when stems clash). 480 x 480 with p = 8 is
-3600 tokens: the last block's (heads, 3601, 3601) attention matrix fits on the CPU.
+image, ``<out>/attention_<stem>.png`` (``_2``, ``_3``... when stems clash); with a ``model_name``
+(the report draws "random init" beside the trained model) ``<out>/attention_<model-name>_<stem>.png``
+("random-init"), the name leading the figure's title. 480 x 480 with p = 8 is 3600 tokens: the last
+block's (heads, 3601, 3601) attention matrix fits on the CPU.
 """
 from __future__ import annotations
 
 import argparse
 import math
+import re
 import textwrap
 from pathlib import Path
 
@@ -99,19 +102,26 @@ def image_files(inputs) -> tuple[list[Path], list[str]]:
     return files, problems
 
 
-def unique_name(stem: str, taken: set[str]) -> str:
-    """``attention_<stem>.png``, or ``attention_<stem>_2.png``, ``_3``... when already in ``taken``; added to it."""
-    name, copy = f"attention_{stem}.png", 1
+def unique_name(stem: str, taken: set[str], prefix: str = "attention") -> str:
+    """``<prefix>_<stem>.png``, or ``<prefix>_<stem>_2.png``, ``_3``... when already in ``taken``; added to it."""
+    name, copy = f"{prefix}_{stem}.png", 1
     while name in taken:
         copy += 1
-        name = f"attention_{stem}_{copy}.png"
+        name = f"{prefix}_{stem}_{copy}.png"
     taken.add(name)
     return name
 
 
+def file_prefix(model_name: str) -> str:
+    """``attention``, or ``attention_<model name>`` with every run of non-alphanumerics as one '-'."""
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", model_name).strip("-")
+    return f"attention_{slug}" if slug else "attention"
+
+
 def attention_figures(model: torch.nn.Module, images, out_dir, image_size: int = 480, resize: str = "square",
-                      mass: float = 0.6, device=None, progress: bool = True) -> FigureSet:
-    """One `attention_figure` PNG per image that ``images`` (files or folders) name, written to ``out_dir``.
+                      mass: float = 0.6, device=None, progress: bool = True, model_name: str = "") -> FigureSet:
+    """One `attention_figure` PNG per image that ``images`` (files or folders) name, written to ``out_dir``
+    (named and titled after ``model_name`` when given: see the module docstring).
 
     Inputs that cannot be drawn (missing, not an image, corrupt, empty folder) are skipped with one line each
     in ``problems``; a `UserError` when nothing at all was drawn, or when ``model`` is not a ViT.
@@ -134,11 +144,11 @@ def attention_figures(model: torch.nn.Module, images, out_dir, image_size: int =
         maps = attention_maps(model, image, image_size, resize, mass)
         heads, rows, cols = maps.attentions.shape
         height, width = maps.image.shape[1:]
-        title = (f"{path.name}: last-block [CLS] attention, {width}x{height} px, patch {maps.patch_size}; "
-                 f"masks keep {mass:.0%} of each head's attention")
-        written = save_figure(attention_figure(maps, title), Path(out_dir) / unique_name(path.stem, taken),
-                              dpi=PNG_DPI)
-        figures.append(FigureFile(written, path.name,
+        title = (f"{model_name + ': ' if model_name else ''}{path.name}: last-block [CLS] attention, "
+                 f"{width}x{height} px, patch {maps.patch_size}; masks keep {mass:.0%} of each head's attention")
+        written = save_figure(attention_figure(maps, title),
+                              Path(out_dir) / unique_name(path.stem, taken, file_prefix(model_name)), dpi=PNG_DPI)
+        figures.append(FigureFile(written, f"{model_name}: {path.name}" if model_name else path.name,
                                   f"{heads} heads of the last block: [CLS] attention over the {rows}x{cols} "
                                   f"patches of {width}x{height} px (patch {maps.patch_size}), and each head's "
                                   f"top patches holding {mass:.0%} of its attention"))

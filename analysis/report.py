@@ -7,12 +7,20 @@ The page (``<out>/report.html``, ``--out`` defaulting to eval-all's folder
 ``results/<run>``) holds, in order: the model and the run's configuration;
 the training curves and collapse monitors (`analysis.curves`, from the
 ``log.jsonl`` beside the checkpoint); every table that ``make eval-all``
-wrote in ``<out>`` with the paper's rows beside ours; and the figures:
-attention maps (`analysis.attention`), t-SNE and k-NN neighbours
+wrote in ``<out>`` with the paper's rows beside ours; the emergence
+diagnosis (`evaluate.emergence`: 20-NN top-1, feature geometry, [CLS]
+attention on the objects) of the random twin, the model and, beside a
+teacher, the checkpoint's student; and the figures: attention maps
+(`analysis.attention`, the random twin's beside the model's on the same
+images), t-SNE and k-NN neighbours
 (`analysis.embeddings`), retrieval and copy-detection hits
 (`analysis.neighbours`), DAVIS propagation (`analysis.propagation`, from
 eval-all's predictions). The PNGs are written to ``<out>/figures/`` and
 embedded in the page as data URIs, so the HTML file alone is the report.
+The random twin (`evaluate.eval_all.load_subject` with ``random_like``,
+seeded as eval-all's) exists for training checkpoints of ours (they record
+their training args); for other checkpoints (released backbones) it is left
+out without a warning.
 
 Each section is built on its own: one that cannot be (no eval-all tables
 yet, a truncated log line, an image that is not an image, a checkpoint with
@@ -41,11 +49,13 @@ import torch
 from data.atomic import atomic_write_text
 from data.errors import UserError, one_line_message, run_cli
 from evaluate import results_table as rt
+from evaluate.emergence import RANDOM_TWIN
 from evaluate.eval_all import Subject, load_subject
 from evaluate.eval_plan import find_part, plan
 from evaluate.features import FeatureExtractor, default_device, run_name
 
 from . import curves
+from .emergence import compared_models, diagnoses_html, random_twin, trained_label
 from .figures import FigureFile, FigureSet
 
 ATTENTION_IMAGES = 4
@@ -59,6 +69,8 @@ tr.measured td { background: #eaf4ff; font-weight: 600; }
 .warnings { background: #fff6dd; border: 1px solid #e8c66a; padding: .6em 1em; }
 figure { margin: 1em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
 figcaption { font-size: .85em; color: #555; }
+.side-by-side { display: grid; grid-template-columns: 1fr 1fr; gap: 0 1em; align-items: start; }
+.side-by-side > b { text-align: center; }
 """
 
 
@@ -202,10 +214,11 @@ def needs(inputs: ReportInputs, part: str | None = None) -> Path | None:
     return folder
 
 
-def extractor(inputs: ReportInputs) -> FeatureExtractor:
-    """The model with eval-all's feature cache (``<out>/features``): features eval-all extracted are reused."""
-    return FeatureExtractor(inputs.subject.model, inputs.device, num_workers=0, cache_dir=inputs.out / "features",
-                            progress=False)
+def extractor(inputs: ReportInputs, subject: Subject | None = None) -> FeatureExtractor:
+    """The model (or ``subject``'s) with eval-all's feature cache (``<out>/features``): features eval-all
+    extracted are reused."""
+    return FeatureExtractor((subject or inputs.subject).model, inputs.device, num_workers=0,
+                            cache_dir=inputs.out / "features", progress=False)
 
 
 def planned(inputs: ReportInputs, kind: str) -> dict:
@@ -214,13 +227,39 @@ def planned(inputs: ReportInputs, kind: str) -> dict:
     return next((evaluation.settings for evaluation in evaluations if evaluation.kind == kind), {})
 
 
+def emergence_section(inputs: ReportInputs) -> Section:
+    from evaluate.emergence import diagnose
+    needs(inputs)
+    if inputs.data_root is None:
+        raise UserError("no data root: the emergence diagnosis is skipped (pass --data-root)")
+    models = compared_models(inputs.subject, inputs.ckpt, inputs.seed)
+    diagnoses = {name: diagnose(extractor(inputs, subject), inputs.data_root, subject.train_args)
+                 for name, subject in models.items()}
+    return Section("Emergence", diagnoses_html(diagnoses))
+
+
 def attention_section(inputs: ReportInputs) -> Section:
     from .attention import attention_figures
     needs(inputs)
     images = inputs.images or default_attention_images(inputs)
     size = planned(inputs, "voc").get("image_size", 480) if inputs.data_root else 480
-    return figures_section("Attention maps", lambda: attention_figures(
-        inputs.subject.model, images, inputs.out / "figures", image_size=size, device=inputs.device, progress=False))
+
+    def draw(subject: Subject, name: str = "") -> FigureSet:
+        return attention_figures(subject.model, images, inputs.out / "figures", image_size=size,
+                                 device=inputs.device, progress=False, model_name=name)
+
+    section = Section("Attention maps")
+    trained = draw(inputs.subject)
+    section.warnings += trained.problems
+    twin = random_twin(inputs.subject, inputs.ckpt, inputs.seed)
+    if twin is None:
+        section.body = "".join(figure_html(figure) for figure in trained.figures)
+        return section
+    random = draw(twin, RANDOM_TWIN)  # the same images: the same problems, not listed twice
+    cells = "".join(figure_html(left) + figure_html(right) for left, right in zip(random.figures, trained.figures))
+    section.body = (f'<div class="side-by-side"><b>{html.escape(RANDOM_TWIN)}</b>'
+                    f"<b>{html.escape(trained_label(inputs.subject))}</b>{cells}</div>")
+    return section
 
 
 def default_attention_images(inputs: ReportInputs) -> list[Path]:
@@ -262,8 +301,8 @@ def propagation_section(inputs: ReportInputs) -> Section:
         davis, inputs.out / "davis", inputs.out / "figures"))
 
 
-SECTIONS = (model_section, training_section, tables_section, attention_section, embeddings_section,
-            neighbours_section, propagation_section)
+SECTIONS = (model_section, training_section, tables_section, emergence_section, attention_section,
+            embeddings_section, neighbours_section, propagation_section)
 
 
 def build_section(make: Callable[[ReportInputs], Section], inputs: ReportInputs) -> Section:

@@ -10,9 +10,14 @@
    the trained teacher, both into ``results/<run>`` (recomputed from
    scratch: ``force``),
 4. print one table, one row per metric: random init, DINO, their difference,
-   and each evaluator's time for both models; save it in
-   ``<run>/demo_results.json`` (``knn_k20`` and ``margin_top1`` as before,
-   plus ``metrics`` and ``seconds``).
+   and each evaluator's time for both models,
+5. the emergence diagnosis (`evaluate.emergence.diagnose`: 20-NN top-1,
+   feature geometry, [CLS] attention on the objects) of the random twin, the
+   trained teacher and the trained student, printed as a second table (the
+   k-NN features of the twin and the teacher are read back from eval-all's
+   cache); save everything in ``<run>/demo_results.json`` (``knn_k20`` and
+   ``margin_top1`` as before, plus ``metrics``, ``emergence`` {model:
+   diagnosis} and ``seconds``).
 """
 from __future__ import annotations
 
@@ -23,14 +28,16 @@ import time
 from pathlib import Path
 
 from data import suite as suite_cli
-from data.errors import run_cli
+from data.errors import UserError, one_line_message, run_cli
 from pretrain import train as train_cli
 from pretrain.checkpoint import atomic_write_text
 
+from .emergence import RANDOM_TWIN, STUDENT, TEACHER, diagnose, format_diagnoses
 from .eval_all import Outcome, evaluate_all, load_subject
 from .eval_plan import EvalOptions
+from .features import FeatureExtractor, default_device, run_name
 
-RANDOM, DINO = "random init", "DINO (teacher)"
+RANDOM, DINO = RANDOM_TWIN, TEACHER
 
 
 def headline(outcomes: list[Outcome]) -> dict[str, dict[str, float]]:
@@ -85,9 +92,34 @@ def evaluate_pair(checkpoint, suite_root, results=None, linear_epochs=None, seed
     return rows, failed
 
 
+def emergence_of_run(checkpoint, suite_root, results=None, seed: int = 0):
+    """The emergence diagnosis of the random twin (as `evaluate_pair` draws it), the trained teacher and the
+    trained student, with eval-all's feature cache (``results``, default results/<run>); print the table.
+
+    Returns ({model: diagnosis} of the models diagnosed, one line per model that failed).
+    """
+    cache = Path(results or Path("results") / run_name(str(checkpoint))) / "features"
+    models = ((RANDOM, None, checkpoint, "teacher"), (DINO, checkpoint, None, "teacher"),
+              (STUDENT, checkpoint, None, "student"))
+    diagnoses, failed = {}, []
+    for name, ckpt, random_like, key in models:
+        try:
+            subject = load_subject(ckpt, key=key, random_like=random_like, seed=seed)
+            extractor = FeatureExtractor(subject.model, default_device(), num_workers=0, cache_dir=cache,
+                                         progress=False)
+            diagnoses[name] = diagnose(extractor, suite_root, subject.train_args)
+        except UserError as error:
+            failed.append(f"emergence ({name}): {one_line_message(error)}")
+    print()
+    print(format_diagnoses(diagnoses))
+    for line in failed:
+        print(f"FAILED {line}")
+    return diagnoses, failed
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="CPU demo: suite -> DINO pretraining -> six evaluations "
-                                                 "of random init vs the trained teacher")
+                                                 "of random init vs the trained teacher -> emergence diagnosis")
     parser.add_argument("--suite", default="data/suite")
     parser.add_argument("--output-dir", default="runs/demo")
     parser.add_argument("--results", default=None, help="eval-all folder (default results/<run>)")
@@ -97,11 +129,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     started = time.perf_counter()
 
-    print("[1/3] embedded suite", flush=True)
+    print("[1/4] embedded suite", flush=True)
     suite_cli.main(["--out", args.suite, "--seed", str(args.seed), "--no-progress"])
     suite_seconds = time.perf_counter() - started
 
-    print("[2/3] DINO pretraining (preset 'demo')", flush=True)
+    print("[2/4] DINO pretraining (preset 'demo')", flush=True)
     output_dir = Path(args.output_dir)
     if output_dir.exists():
         shutil.rmtree(output_dir)
@@ -113,19 +145,25 @@ def main(argv=None) -> int:
     train_cli.main(train_args)
     train_seconds = time.perf_counter() - started - suite_seconds
 
-    print("[3/3] six evaluations, random init then the trained teacher", flush=True)
+    print("[3/4] six evaluations, random init then the trained teacher", flush=True)
     rows, failed = evaluate_pair(output_dir / "checkpoint.pth", args.suite, args.results, args.linear_epochs,
                                  args.seed)
     eval_seconds = time.perf_counter() - started - suite_seconds - train_seconds
+    print("[4/4] emergence: random init, the trained teacher and student", flush=True)
+    diagnoses, emergence_failed = emergence_of_run(output_dir / "checkpoint.pth", args.suite, args.results,
+                                                   args.seed)
+    failed += emergence_failed
     total = time.perf_counter() - started
+    emergence_seconds = total - suite_seconds - train_seconds - eval_seconds
     print(f"suite {suite_seconds:.0f} s | pretraining {train_seconds:.0f} s | evaluation {eval_seconds:.0f} s "
-          f"(both models) | total {total:.0f} s")
+          f"(both models) | emergence {emergence_seconds:.0f} s (three models) | total {total:.0f} s")
     knn = {name: {"top1": rows.get("knn_top1", {}).get(name), "top5": rows.get("knn_top5", {}).get(name)}
            for name in (RANDOM, DINO)}
     atomic_write_text(output_dir / "demo_results.json", json.dumps(
         {"knn_k20": knn, "margin_top1": rows.get("knn_top1", {}).get("difference"), "metrics": rows,
-         "failed": failed,
-         "seconds": {"suite": suite_seconds, "pretraining": train_seconds, "evaluation": eval_seconds},
+         "emergence": diagnoses, "failed": failed,
+         "seconds": {"suite": suite_seconds, "pretraining": train_seconds, "evaluation": eval_seconds,
+                     "emergence": emergence_seconds},
          "seconds_total": total}, indent=2))
     return 1 if failed else 0
 

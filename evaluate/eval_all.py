@@ -62,12 +62,14 @@ from .video_segmentation import PropagationOptions, run_video_segmentation
 
 @dataclass
 class Subject:
-    """The model under evaluation: ``method`` names its rows, ``run`` its default results folder."""
+    """The model under evaluation: ``method`` names its rows, ``run`` its default results folder, ``key`` the
+    checkpoint entry it was read from (teacher or student)."""
     model: torch.nn.Module
     method: str
     run: str
     random: bool
     train_args: dict | None = None
+    key: str = "teacher"
     weights: str = field(default="", init=False)
 
     def __post_init__(self):
@@ -101,14 +103,14 @@ def load_subject(ckpt: str | None, arch: str | None = None, patch: int | None = 
     torch.manual_seed(seed)
     if random_like:
         model, train_args = load_backbone_with_args(random_like, key=key, random_weights=True)
-        return Subject(model, f"random init ({describe(model)['arch']})", run_name(random_like), True, train_args)
+        return Subject(model, f"random init ({describe(model)['arch']})", run_name(random_like), True, train_args, key)
     if not ckpt:
         raise UserError("no model given: pass --ckpt <checkpoint> (or random with --arch), or --random-like <checkpoint>")
     model, train_args = load_backbone_with_args(ckpt, arch, patch, key=key)
     if str(ckpt) == "random":
         spec = describe(model)
         return Subject(model, f"random init ({spec['arch']})", run_name(ckpt, spec["arch"], spec["patch"]), True)
-    return Subject(model, run_name(ckpt), run_name(ckpt), False, train_args)
+    return Subject(model, run_name(ckpt), run_name(ckpt), False, train_args, key)
 
 
 @dataclass

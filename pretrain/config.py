@@ -50,6 +50,7 @@ class TrainConfig:
     weight_decay: float = 0.04
     weight_decay_end: float = 0.4
     momentum_teacher: float = 0.996
+    momentum_teacher_end: float = 1.0  # the cosine schedule's final value (official: 1, the teacher freezes at the end)
     clip_grad: float = 3.0
     freeze_last_layer: int = 1
     optimizer: str = "adamw"

@@ -163,7 +163,7 @@ class Trainer:
         ipe = self.iters_per_epoch
         self.lr_schedule = cosine_schedule(scaled_lr(cfg.lr, global_batch), cfg.min_lr, cfg.epochs, ipe, cfg.warmup_epochs)
         self.wd_schedule = cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, cfg.epochs, ipe)
-        self.momentum_schedule = cosine_schedule(cfg.momentum_teacher, 1.0, cfg.epochs, ipe)
+        self.momentum_schedule = cosine_schedule(cfg.momentum_teacher, cfg.momentum_teacher_end, cfg.epochs, ipe)
         self.start_epoch, self.start_step = 0, 0
         self.log_path = self.output_dir / "log.jsonl"
         self.run_log = RunLog(self.log_path, dist_info.is_main)

@@ -10,6 +10,7 @@ import PIL.Image
 import torch
 
 from data.errors import run_cli
+from data.index_masks import write_index_mask
 from pretrain import build_backbone
 from pretrain.backbones import describe
 from pretrain.checkpoint import atomic_save
@@ -90,6 +91,22 @@ def write_copydays_tree(root: Path, n_originals: int = 4, strong_copy=None) -> P
             shutil.copy(original, strong)
         else:
             save_image(strong_copy(PIL.Image.open(original).convert("RGB"), index), strong)
+    return root
+
+
+def write_voc_tree(root: Path, images: dict) -> Path:
+    """``root/VOC2012`` with a val split: images is id -> (class label map, object label map), (H, W) uint8;
+    the JPEGs are noise of the maps' size."""
+    voc = root / "VOC2012"
+    rng = np.random.default_rng(0)
+    for image_id, (classes, objects) in images.items():
+        (voc / "JPEGImages").mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 256, (*classes.shape, 3), dtype=np.uint8)
+        PIL.Image.fromarray(pixels).save(voc / "JPEGImages" / f"{image_id}.jpg")
+        write_index_mask(voc / "SegmentationClass" / f"{image_id}.png", classes)
+        write_index_mask(voc / "SegmentationObject" / f"{image_id}.png", objects)
+    (voc / "ImageSets" / "Segmentation").mkdir(parents=True, exist_ok=True)
+    (voc / "ImageSets" / "Segmentation" / "val.txt").write_text("".join(f"{i}\n" for i in images))
     return root
 
 

@@ -13,7 +13,7 @@ from evaluate.attention_masks import attention_maps, prepare_pair, run_attention
 from pretrain import build_backbone
 
 from conftest import shared_data_dir
-from evaluator_trees import save_tiny_checkpoint, tiny_vit
+from evaluator_trees import save_tiny_checkpoint, tiny_vit, write_voc_tree
 
 # 32 x 32 images, patch 8: a 4 x 4 grid, patch index = 4 * row + column.
 HEAD_0 = {0: 0.3, 1: 0.25, 4: 0.2, 5: 0.15}  # the rest (0.1) spread over the other 12 patches
@@ -53,21 +53,6 @@ def label_map(objects: dict, void=()) -> np.ndarray:
         labels[patches(*cells)] = label
     labels[patches(*void)] = 255 if void else 0
     return labels
-
-
-def write_voc_tree(root, images: dict):
-    """images: id -> (class label map, object label map); noise JPEGs of the maps' size."""
-    voc = root / "VOC2012"
-    rng = np.random.default_rng(0)
-    for image_id, (classes, objects) in images.items():
-        (voc / "JPEGImages").mkdir(parents=True, exist_ok=True)
-        pixels = rng.integers(0, 256, (*classes.shape, 3), dtype=np.uint8)
-        PIL.Image.fromarray(pixels).save(voc / "JPEGImages" / f"{image_id}.jpg")
-        write_index_mask(voc / "SegmentationClass" / f"{image_id}.png", classes)
-        write_index_mask(voc / "SegmentationObject" / f"{image_id}.png", objects)
-    (voc / "ImageSets" / "Segmentation").mkdir(parents=True, exist_ok=True)
-    (voc / "ImageSets" / "Segmentation" / "val.txt").write_text("".join(f"{i}\n" for i in images))
-    return root
 
 
 def hand_built_voc(root):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import torch
 from analysis import report
 from data.errors import run_cli
 from evaluate import eval_all, results_table as rt
+from evaluate.emergence import ROWS, diagnose
 from pretrain import train as train_cli
 from pretrain.checkpoint import atomic_save, safe_load
 
@@ -18,9 +20,11 @@ from browser import open_page
 from evaluator_trees import write_tiny_suite
 from figure_checks import assert_not_blank
 
-# figures the tiny run must produce: curves (3), one attention map per VOC val image (3), t-SNE and k-NN
-# neighbours, one retrieval grid (one dataset), copy-detection hits, one DAVIS sequence
-EXPECTED_FIGURES = 3 + 3 + 2 + 1 + 1 + 1
+# figures the tiny run must produce: curves (3), one attention map per VOC val image (3) for the trained teacher
+# and as many for its random twin, t-SNE and k-NN neighbours, one retrieval grid (one dataset), copy-detection
+# hits, one DAVIS sequence
+ATTENTION_FIGURES = 2 * 3
+EXPECTED_FIGURES = 3 + ATTENTION_FIGURES + 2 + 1 + 1 + 1
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +66,8 @@ def test_report_opens_in_a_real_browser(tiny_report, tmp_path):
     tables = [table for table in rt.TABLES if (tiny_report["out"] / f"{table}.csv").is_file()]
     assert len(tables) == 5
     assert all(table in check.headings for table in tables)
-    assert check.tables >= len(tables) + 1  # + the model table
+    assert "Emergence" in check.headings and "Attention maps" in check.headings
+    assert check.tables >= len(tables) + 2  # + the model table and the emergence table
     assert_not_blank(check.screenshot)
 
 
@@ -122,7 +127,8 @@ def test_checkpoint_without_teacher_uses_the_student(tiny_report, tmp_path):
     path, sections = report.build_report(str(run / "checkpoint.pth"), tmp_path / "out", tiny_report["data"])
     assert any("has no teacher" in warning for warning in warnings_of(sections))
     assert not any(section.failed for section in sections)
-    assert len(list((tmp_path / "out" / "figures").glob("attention_*.png"))) == 3
+    assert len(list((tmp_path / "out" / "figures").glob("attention_*.png"))) == ATTENTION_FIGURES  # twin too
+    assert emergence_table(path.read_text())[0] == ["diagnostic", "random init", "DINO (student)"]
 
 
 def test_bad_images_are_named_and_the_good_one_is_drawn(tiny_report, tmp_path):
@@ -135,7 +141,8 @@ def test_bad_images_are_named_and_the_good_one_is_drawn(tiny_report, tmp_path):
                                          tiny_report["data"], images=[not_an_image, empty, good])
     warnings = " | ".join(warnings_of(sections))
     assert "notes.jpg" in warnings and "empty" in warnings
-    assert [p.name for p in (tmp_path / "out" / "figures").glob("attention_*.png")] == [f"attention_{good.stem}.png"]
+    assert sorted(p.name for p in (tmp_path / "out" / "figures").glob("attention_*.png")) == \
+        [f"attention_random-init_{good.stem}.png", f"attention_{good.stem}.png"]
 
 
 def test_nothing_to_report_is_one_line_and_exit_2(tmp_path, capsys):
@@ -153,3 +160,57 @@ def test_random_twin_weights_are_not_the_trained_ones(tiny_report):
     assert warnings == []
     weights = subject.model.state_dict()
     assert torch.equal(weights["pos_embed"], trained["backbone.pos_embed"])
+
+
+def emergence_table(page: str) -> list[list[str]]:
+    """The Emergence section's table as rows of cell texts (the header row first)."""
+    table = page.split("<h2>Emergence</h2>", 1)[1].split("</table>", 1)[0]
+    return [re.findall(r"<t[hd][^>]*>(.*?)</t[hd]>", row) for row in re.findall(r"<tr>(.*?)</tr>", table)]
+
+
+def test_emergence_table_compares_the_twin_the_teacher_and_the_student(tiny_report):
+    rows = emergence_table(tiny_report["path"].read_text())
+    assert rows[0] == ["diagnostic", "random init", "DINO (teacher)", "DINO (student)"]
+    assert [row[0] for row in rows[1:]] == list(ROWS.values())
+    checkpoint = str(tiny_report["run"] / "checkpoint.pth")
+    models = [eval_all.load_subject(None, random_like=checkpoint), eval_all.load_subject(checkpoint),
+              eval_all.load_subject(checkpoint, key="student")]
+    by_key = {key: row[1:] for key, row in zip(ROWS, rows[1:])}
+    for column, subject in enumerate(models):
+        diagnosis = diagnose(subject.model, tiny_report["data"], subject.train_args, device="cpu")
+        for key in ("knn20_top1", "mean_pairwise_cosine", "effective_rank", "best_head_object_share", "object_area"):
+            assert float(by_key[key][column]) == pytest.approx(diagnosis[key], abs=0.006), (key, column)
+        assert by_key["per_head_object_share"][column] == " / ".join(
+            f"{share:.1f}" for share in diagnosis["per_head_object_share"])
+    # the teacher's 20-NN top-1 is eval-all's, read back from its feature cache
+    frame = rt.read_table(tiny_report["out"] / "table2_linear_knn.csv")
+    measured = frame[(frame["source"] == rt.MEASURED) & (frame["metric"] == "knn_top1")]["value"]
+    assert float(by_key["knn20_top1"][1]) == pytest.approx(float(measured.iloc[0]), abs=0.006)
+    assert by_key["per_head_object_share"][1].count(" / ") == 1  # the demo preset's two heads
+
+
+def test_attention_maps_show_the_random_twin_beside_the_model(tiny_report):
+    page = tiny_report["path"].read_text()
+    section = page.split("<h2>Attention maps</h2>", 1)[1].split("<h2>", 1)[0]
+    assert section.count("<b>random init</b><b>DINO (teacher)</b>") == 1
+    alts = re.findall(r'<img alt="([^"]*)"', section)
+    assert len(alts) == ATTENTION_FIGURES
+    images = sorted(path.name for path in (tiny_report["data"] / "voc").rglob("JPEGImages/*.jpg"))[:3]
+    assert alts == [alt for name in images for alt in (f"random init: {name}", name)]  # twin left, model right
+    twin = (tiny_report["out"] / "figures" / f"attention_random-init_{Path(images[0]).stem}.png").read_bytes()
+    trained = (tiny_report["out"] / "figures" / f"attention_{Path(images[0]).stem}.png").read_bytes()
+    assert twin != trained
+
+
+def test_a_released_backbone_has_no_twin_and_no_warning_about_it(tiny_report, tmp_path):
+    teacher = safe_load(tiny_report["run"] / "checkpoint.pth")["teacher"]
+    released = tmp_path / "released" / "backbone.pth"
+    released.parent.mkdir()
+    atomic_save({key.removeprefix("backbone."): value for key, value in teacher.items()
+                 if key.startswith("backbone.")}, released)
+    path, sections = report.build_report(str(released), tmp_path / "out", tiny_report["data"])
+    assert not any(section.failed for section in sections)
+    assert not any("twin" in warning or "random" in warning for warning in warnings_of(sections))
+    assert emergence_table(path.read_text())[0] == ["diagnostic", "DINO (teacher)"]
+    assert len(list((tmp_path / "out" / "figures").glob("attention_*.png"))) == 3
+    assert "side-by-side" not in path.read_text().split("<h2>Attention maps</h2>", 1)[1].split("<h2>", 1)[0]
