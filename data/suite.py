@@ -14,10 +14,15 @@ into larger scenes (data/suite_scenes.py), and write through
 What an image shows, and why: one foreground object whose SHAPE and surface
 TEXTURE (two tones of its colour, `CLASS_TEXTURES`) are the class, with
 foreground and background colours drawn independently at random (kept at
-least `MIN_CONTRAST` luminance levels apart), a random position, size (40-80%
+least `MIN_CONTRAST` luminance levels apart), a random position, size (55-90%
 of the side) and rotation, over a cluttered background (random colour
 gradient, smooth colour blotches, pixel noise, 2-4 small distractor strokes and
-dots). Colour and position carry no class information, so a kNN on raw pixels
+dots). The object is the main content of the image, as in an ImageNet photo,
+whose labelled object typically fills about half of it: self-distillation
+matches a small crop of an image to a large one, and when most small crops
+held only background (objects of 40-80% of the side, suite version 2), the
+network learnt to describe the background, and its [CLS] attention avoided the
+objects. Colour and position carry no class information, so a kNN on raw pixels
 or on a random network does poorly, while features that learn shape and
 texture invariant to colour, position and crop -- what DINO's augmentations
 teach -- do well. (With flat-coloured objects, a short CPU pretraining only
@@ -46,10 +51,10 @@ from data.suite_shapes import (CLASS_NAMES, CLASS_TEXTURES, PIXEL_NOISE_STD, SUP
                                background, draw_distractors, draw_object_mask, sample_colours, second_tone,
                                texture_pattern)
 
-SUITE_VERSION = 2  # bump whenever the rendering changes, so stale suites are regenerated
+SUITE_VERSION = 3  # bump whenever the rendering changes, so stale suites are regenerated
 SPLIT_IDS = {"train": 0, "val": 1}
 MIN_IMAGE_SIZE = 16  # below this the ten shapes stop being distinguishable
-OBJECT_DIAMETER_RANGE = (0.4, 0.8)  # fraction of the image side
+OBJECT_DIAMETER_RANGE = (0.55, 0.9)  # fraction of the image side
 OBJECT_MARGIN_PX = 1.0
 
 
@@ -80,7 +85,8 @@ def render_object_image(rng: np.random.Generator, class_index: int, image_size: 
     draw_distractors(ImageDraw.Draw(canvas), rng, image_size, image_size, count_range=(2, 5),
                      stroke_scale=image_size)
 
-    radius = rng.uniform(*OBJECT_DIAMETER_RANGE) * image_size / 2
+    # (capped so that the object fits inside the margins of the smallest images)
+    radius = min(rng.uniform(*OBJECT_DIAMETER_RANGE) * image_size / 2, image_size / 2 - OBJECT_MARGIN_PX)
     centre = rng.uniform(radius + OBJECT_MARGIN_PX, image_size - radius - OBJECT_MARGIN_PX, 2)
     angle = rng.uniform(0.0, 2.0 * np.pi)
     mask = Image.new("L", (big, big), 0)

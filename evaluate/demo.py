@@ -1,7 +1,9 @@
 """``make demo``: the whole pipeline on the CPU in a few minutes (about 3 on 2 cores).
 
 1. generate the embedded suite, every part (``data/suite``; skipped when up to date),
-2. pretrain the ``demo`` preset on its classification train split (a fresh run in ``runs/demo``),
+2. pretrain the ``demo`` preset on its classification train split in ``runs/demo``: a run folder
+   left by an interrupted demo with the same config and the same suite is resumed (a finished one is
+   kept as it is); any other is replaced by a fresh run (`prepare_run_folder`),
 3. run `evaluate.eval_all` -- k-NN, linear probe, retrieval, copy detection,
    DAVIS propagation, VOC attention masks, with the suite-scaled settings of
    `evaluate.eval_plan` (the linear probe on cached features) -- first for
@@ -31,6 +33,7 @@ from data import suite as suite_cli
 from data.errors import UserError, one_line_message, run_cli
 from pretrain import train as train_cli
 from pretrain.checkpoint import atomic_write_text
+from pretrain.config import to_dict
 
 from .emergence import RANDOM_TWIN, STUDENT, TEACHER, diagnose, format_diagnoses
 from .eval_all import Outcome, evaluate_all, load_subject
@@ -117,6 +120,35 @@ def emergence_of_run(checkpoint, suite_root, results=None, seed: int = 0):
     return diagnoses, failed
 
 
+RUN_RECORD = "demo_run.json"
+
+
+def prepare_run_folder(output_dir: Path, train_args: list[str], suite_root) -> bool:
+    """Keep ``output_dir`` when it holds a demo run of exactly this config on exactly this suite (so the
+    trainer resumes it, or finds it finished); else remove it and record what the new run is. True: kept.
+
+    What identifies a run is written to ``<output_dir>/demo_run.json`` before training starts: the
+    resolved training config and the classification part's SUITE.json (its generator version included).
+    """
+    try:
+        suite = json.loads((Path(suite_root) / "classification" / "SUITE.json").read_text())
+    except (OSError, ValueError):
+        suite = None  # not a generated suite: the config alone identifies the run
+    identity = {"config": to_dict(train_cli.resolved_config(train_args)), "suite": suite}
+    identity = json.loads(json.dumps(identity))  # tuples as JSON lists, as read back
+    record = output_dir / RUN_RECORD
+    try:
+        kept = json.loads(record.read_text()) == identity
+    except (OSError, ValueError):
+        kept = False
+    if not kept:
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        output_dir.mkdir(parents=True)
+        atomic_write_text(record, json.dumps(identity, indent=2))
+    return kept
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="CPU demo: suite -> DINO pretraining -> six evaluations "
                                                  "of random init vs the trained teacher -> emergence diagnosis")
@@ -125,23 +157,31 @@ def main(argv=None) -> int:
     parser.add_argument("--results", default=None, help="eval-all folder (default results/<run>)")
     parser.add_argument("--epochs", type=int, default=None, help="override the demo preset's epochs")
     parser.add_argument("--linear-epochs", type=int, default=None, help="default: the suite's (100)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the pretraining (initial weights, crops) and of the evaluations")
+    parser.add_argument("--suite-seed", type=int, default=0,
+                        help="seed of the generated suite (the same suite for every --seed by default)")
+    parser.add_argument("--fresh", action="store_true",
+                        help="discard the run folder and pretrain from scratch (default: resume an interrupted "
+                             "demo run of the same config)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
 
     print("[1/4] embedded suite", flush=True)
-    suite_cli.main(["--out", args.suite, "--seed", str(args.seed), "--no-progress"])
+    suite_cli.main(["--out", args.suite, "--seed", str(args.suite_seed), "--no-progress"])
     suite_seconds = time.perf_counter() - started
 
     print("[2/4] DINO pretraining (preset 'demo')", flush=True)
     output_dir = Path(args.output_dir)
-    if output_dir.exists():
-        shutil.rmtree(output_dir)
     classification = Path(args.suite) / "classification"
     train_args = ["--preset", "demo", "--data", str(classification / "train"), "--knn-data", str(classification),
                   "--output-dir", str(output_dir), "--seed", str(args.seed)]
     if args.epochs:
         train_args += ["--epochs", str(args.epochs)]
+    if args.fresh and output_dir.exists():
+        shutil.rmtree(output_dir)
+    if prepare_run_folder(output_dir, train_args, args.suite):
+        print(f"resuming the demo run in {output_dir} (same config and suite; --fresh starts over)", flush=True)
     train_cli.main(train_args)
     train_seconds = time.perf_counter() - started - suite_seconds
 

@@ -38,7 +38,8 @@ def config_from_args(args: argparse.Namespace) -> config_module.TrainConfig:
     return config_module.resolve(args.preset, **{k: v for k, v in vars(args).items() if k != "preset"})
 
 
-def main(argv=None) -> int:
+def resolved_config(argv=None) -> config_module.TrainConfig:
+    """The config a ``python -m pretrain.train`` command line runs (loader workers capped at the CPU count)."""
     parser = argparse.ArgumentParser(description="DINO self-supervised pretraining")
     add_train_arguments(parser)
     cfg = config_from_args(parser.parse_args(argv))
@@ -46,6 +47,11 @@ def main(argv=None) -> int:
         raise UserError("no training data given: pass --data <image folder> (or DATA=... to make)")
     if cfg.num_workers > (os.cpu_count() or 1):
         cfg.num_workers = os.cpu_count() or 1
+    return cfg
+
+
+def main(argv=None) -> int:
+    cfg = resolved_config(argv)
     dist_info = init_distributed()
     monitor = knn_monitor_for(cfg, dist_info.device) if cfg.knn_every and cfg.knn_data else None
     summary = Trainer(cfg, dist_info, monitor).fit()

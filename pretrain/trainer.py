@@ -159,6 +159,10 @@ class Trainer:
         if cfg.warmup_epochs > cfg.epochs:
             raise UserError(f"--warmup-epochs {cfg.warmup_epochs} is longer than the run (--epochs {cfg.epochs}): "
                             "lower --warmup-epochs")
+        for flag, momentum in (("--momentum-teacher", cfg.momentum_teacher),
+                               ("--momentum-teacher-end", cfg.momentum_teacher_end)):
+            if not 0.0 <= momentum <= 1.0:
+                raise UserError(f"{flag} {momentum} is not a momentum: pass a value in [0, 1] (1 freezes the teacher)")
         global_batch = cfg.batch_size_per_gpu * dist_info.world_size
         ipe = self.iters_per_epoch
         self.lr_schedule = cosine_schedule(scaled_lr(cfg.lr, global_batch), cfg.min_lr, cfg.epochs, ipe, cfg.warmup_epochs)

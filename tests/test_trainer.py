@@ -5,6 +5,7 @@ import re
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,7 +14,7 @@ from pretrain import load_backbone
 from pretrain.checkpoint import safe_load, strip_prefixes
 from pretrain.distributed import DistInfo
 from pretrain.train import main as train_main
-from pretrain.trainer import Trainer, build_student_teacher, param_groups
+from pretrain.trainer import Trainer, build_student_teacher, ema_update, param_groups
 
 from tiny_runs import REPO, TINY, cli_args, subprocess_env, tiny_cfg, train_command
 
@@ -115,6 +116,31 @@ def test_non_finite_loss_stops_with_checkpoint_intact(tiny_suite, tmp_path, monk
     with pytest.raises(UserError, match="loss is not finite .* at iteration 15: training diverged"):
         trainer.fit()
     assert (out / "checkpoint.pth").read_bytes() == before
+
+
+def test_teacher_momentum_follows_its_schedule_to_the_configured_end(tiny_suite, tmp_path):
+    official = Trainer(tiny_cfg(tiny_suite / "train", tmp_path / "a", momentum_teacher=0.99), DistInfo())
+    held = Trainer(tiny_cfg(tiny_suite / "train", tmp_path / "b", momentum_teacher=0.99, momentum_teacher_end=0.99),
+                   DistInfo())
+    steps = len(official.momentum_schedule)
+    # official: m(it) = 1 - (1 - m0) (cos(pi it / T) + 1) / 2, T = the run's steps: from 0.99 up towards 1
+    expected = 1 - 0.01 * (np.cos(np.pi * np.arange(steps) / steps) + 1) / 2
+    assert np.allclose(official.momentum_schedule, expected, atol=1e-12)
+    assert np.allclose(held.momentum_schedule, 0.99, atol=1e-12)
+    # the teacher update uses it: one step of the held schedule moves the teacher by exactly 1% of the gap
+    student = torch.nn.Linear(2, 2)
+    teacher = torch.nn.Linear(2, 2)
+    gap = [s.detach() - t.detach() for s, t in zip(student.parameters(), teacher.parameters())]
+    before = [t.detach().clone() for t in teacher.parameters()]
+    ema_update(teacher, student, float(held.momentum_schedule[0]))
+    for t, b, g in zip(teacher.parameters(), before, gap):
+        assert torch.allclose(t.detach() - b, 0.01 * g, atol=1e-7)
+
+
+@pytest.mark.parametrize("flag,value", [("momentum_teacher", 1.2), ("momentum_teacher_end", -0.1)])
+def test_momentum_outside_zero_one_is_refused(tiny_suite, tmp_path, flag, value):
+    with pytest.raises(UserError, match=f"--{flag.replace('_', '-')} {value} is not a momentum: pass a value in"):
+        Trainer(tiny_cfg(tiny_suite / "train", tmp_path / "run", **{flag: value}), DistInfo())
 
 
 @pytest.mark.parametrize("case,expected", [
