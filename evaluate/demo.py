@@ -1,4 +1,4 @@
-"""``make demo``: the whole pipeline on the CPU in a few minutes (about 3 on 2 cores).
+"""``make demo``: the whole pipeline on the CPU in a few minutes (about 8 on 2 cores, most of it pretraining).
 
 1. generate the embedded suite, every part (``data/suite``; skipped when up to date),
 2. pretrain the ``demo`` preset on its classification train split in ``runs/demo``: a run folder

@@ -35,3 +35,11 @@ def tiny_suite(tmp_path_factory):
     root = tmp_path_factory.mktemp("suite")
     write_classification(root, n_train_per_class=12, n_val_per_class=4, image_size=32, seed=0, progress=False)
     return root / "classification"
+
+
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    """Restore torch's thread count after each test: a bench's main() called in-process sets its own."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

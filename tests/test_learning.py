@@ -13,6 +13,9 @@ change that breaks the trainer's arithmetic, falls under it.
 """
 from __future__ import annotations
 
+import os
+
+import pytest
 import torch
 
 from data.suite import write_classification
@@ -26,12 +29,23 @@ TRAIN_PER_CLASS, VAL_PER_CLASS = 150, 30
 EPOCHS = 20
 # a 460-step run: the teacher must follow the student within it (the preset's 0.995 averages ~200 steps)
 MOMENTUM = 0.98
-# 20-NN top-1 points of the teacher over its random twin, measured on 2 cores (teacher 31.00, twin 17.33)
-MEASURED_MARGIN = 13.67
-REQUIRED_MARGIN = 8.0
+# 20-NN top-1 points of the teacher over its random twin, measured on 2 cores: 15.67 (teacher 33.00, twin
+# 17.33) with seed 0 and 2 threads; the same run with 1 thread 8.33, seeds 1 and 2 16.67 and 10.00 (a short
+# run's outcome moves with the rounding), so the bar sits below all of them and far above no learning (~0)
+MEASURED_MARGIN = 15.67
+REQUIRED_MARGIN = 6.0
 
 
-def test_demo_preset_teacher_beats_its_random_twin_on_knn(tmp_path):
+@pytest.fixture
+def two_threads():
+    """The measured thread count, whatever an earlier test left (the run's arithmetic depends on it)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    yield
+    torch.set_num_threads(before)
+
+
+def test_demo_preset_teacher_beats_its_random_twin_on_knn(tmp_path, two_threads):
     write_classification(tmp_path / "suite", n_train_per_class=TRAIN_PER_CLASS, n_val_per_class=VAL_PER_CLASS,
                          seed=0, progress=False)
     data = tmp_path / "suite" / "classification"
