@@ -181,7 +181,8 @@ def main(argv=None) -> int:
     if args.fresh and output_dir.exists():
         shutil.rmtree(output_dir)
     if prepare_run_folder(output_dir, train_args, args.suite):
-        print(f"resuming the demo run in {output_dir} (same config and suite; --fresh starts over)", flush=True)
+        print(f"keeping the demo run in {output_dir} (same config and suite: an interrupted run resumes, a "
+              "finished one is reused; --fresh starts over)", flush=True)
     train_cli.main(train_args)
     train_seconds = time.perf_counter() - started - suite_seconds
 

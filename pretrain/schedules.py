@@ -10,7 +10,7 @@ n iterations i = 0..n-1:
 
 The learning rate uses it with ``base = lr_ref * global_batch / 256`` (linear
 scaling rule), weight decay rises 0.04 -> 0.4 with it (no warm-up), and the
-teacher momentum rises 0.996 -> 1.
+teacher momentum rises 0.996 -> 1 (or to ``momentum_teacher_end``; the demo preset holds it).
 """
 from __future__ import annotations
 
