@@ -14,6 +14,7 @@ import torch
 
 from data.errors import UserError
 from pretrain.checkpoint import safe_load
+from pretrain.checkpoint_files import load_training_checkpoint
 from pretrain.distributed import DistInfo
 from pretrain.run_log import CollapseWatch, RunLog
 from pretrain.trainer import Trainer
@@ -57,7 +58,9 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(tiny_suite, tmp_p
     killed = tmp_path / "killed"
     settings = {**KILL_RUN, "data": data, "output_dir": killed}
     start_and_kill(settings, kill_after)
-    saved = safe_load(killed / "checkpoint.pth")
+    # the checkpoint a resume starts from: the newest rotated file (the kill may fall between writing it and
+    # pointing checkpoint.pth at it, so checkpoint.pth can still be the one before)
+    saved, _, _ = load_training_checkpoint(killed)
     resumed_at = saved["epoch"] * (total // 2) + saved["step"]
     assert resumed_at >= kill_after - 1, f"killed after step {kill_after}, checkpoint at {resumed_at}"
     # resume with another worker count: the crops depend only on (seed, epoch, image), so still bit-identical
