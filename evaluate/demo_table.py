@@ -58,11 +58,11 @@ def read_run(folder) -> dict:
     return {**results, "seed": config.get("seed"), "warnings": warnings, "images_per_second": speed}
 
 
-def _range(values: list[float], signed: bool = True) -> str:
-    cell = "{:+.2f}" if signed else "{:.2f}"
+def _range(values: list[float]) -> str:
+    """'+a' for one value, '+min … +max' for several."""
     if len(values) == 1:
-        return cell.format(values[0])
-    return f"{cell.format(min(values))} … {cell.format(max(values))}"
+        return f"{values[0]:+.2f}"
+    return f"{min(values):+.2f} … {max(values):+.2f}"
 
 
 def markdown_table(runs: list[dict]) -> str:

@@ -13,9 +13,6 @@ change that breaks the trainer's arithmetic, falls under it.
 """
 from __future__ import annotations
 
-import os
-
-import pytest
 import torch
 
 from data.suite import write_classification
@@ -36,16 +33,9 @@ MEASURED_MARGIN = 15.67
 REQUIRED_MARGIN = 6.0
 
 
-@pytest.fixture
-def two_threads():
-    """The measured thread count, whatever an earlier test left (the run's arithmetic depends on it)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
-    yield
-    torch.set_num_threads(before)
-
-
-def test_demo_preset_teacher_beats_its_random_twin_on_knn(tmp_path, two_threads):
+def test_demo_preset_teacher_beats_its_random_twin_on_knn(tmp_path):
+    # the run's arithmetic depends on the thread count: conftest sets min(2, cores) and restores it after
+    # every test (keep_torch_threads), so an earlier test cannot leave another one here
     write_classification(tmp_path / "suite", n_train_per_class=TRAIN_PER_CLASS, n_val_per_class=VAL_PER_CLASS,
                          seed=0, progress=False)
     data = tmp_path / "suite" / "classification"
