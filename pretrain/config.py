@@ -83,7 +83,7 @@ class TrainConfig:
     log_every_steps: int = 10
     knn_every: int = 0  # epochs between kNN monitor runs (0: off)
     knn_data: str = ""  # ImageFolder root with train/ and val/ for the monitor
-    max_steps: int = 0  # stop after this many steps in total (0: run all epochs); for tests
+    max_steps: int = 0  # stop after this many steps of this invocation (a resumed run counts afresh; 0: run all epochs); for tests
     # bad data: undecodable images are skipped (logged in bad_images.tsv); more than this fraction stops the run
     max_bad_fraction: float = 0.01
     max_image_pixels: int = 89_478_485  # larger images count as bad (PIL's own limit)

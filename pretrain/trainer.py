@@ -42,7 +42,9 @@ from .sampler import ShardedSampler
 from .schedules import cosine_schedule, scaled_lr
 
 
-def build_student_teacher(cfg: TrainConfig) -> tuple[MultiCropWrapper, MultiCropWrapper]:
+def build_student_teacher(cfg: TrainConfig, freeze: bool = True) -> tuple[MultiCropWrapper, MultiCropWrapper]:
+    """Student and teacher (the teacher a copy of the student, no drop-path). ``freeze=False`` leaves the
+    teacher's parameters trainable, for a caller that must wrap it in DDP first (`freeze_teacher` after)."""
     sizes = dict(embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads, img_size=cfg.img_size)
     sizes = {k: v for k, v in sizes.items() if v is not None} if cfg.arch == "vit" else {}
     if cfg.arch != "resnet50":
@@ -55,9 +57,15 @@ def build_student_teacher(cfg: TrainConfig) -> tuple[MultiCropWrapper, MultiCrop
     student = MultiCropWrapper(student_backbone, DINOHead(student_backbone.embed_dim, norm_last_layer=cfg.norm_last_layer, **head_args))
     teacher = MultiCropWrapper(teacher_backbone, DINOHead(teacher_backbone.embed_dim, **head_args))
     teacher.load_state_dict(student.state_dict())
+    if freeze:
+        freeze_teacher(teacher)
+    return student, teacher
+
+
+def freeze_teacher(teacher: nn.Module) -> None:
+    """The teacher learns only by EMA: no parameter of it takes a gradient."""
     for param in teacher.parameters():
         param.requires_grad = False
-    return student, teacher
 
 
 def param_groups(model: nn.Module) -> list[dict]:
@@ -123,27 +131,14 @@ class Trainer:
             raise UserError(f"{len(base)} images in '{cfg.data}' are fewer than one batch of "
                             f"{cfg.batch_size_per_gpu} x {dist_info.world_size} processes: lower --batch-size-per-gpu")
 
-        student, teacher = build_student_teacher(cfg)
-        student, teacher = student.to(self.device), teacher.to(self.device)
-        self.has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in student.modules())
-        if dist_info.enabled and self.has_bn:
-            student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
-            teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
-        self.student, self.teacher = student, teacher  # unwrapped modules
-        self.student_ddp = student
-        self.teacher_ddp = teacher
-        if dist_info.enabled:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.student_ddp = DistributedDataParallel(student, device_ids=ids)
-            if self.has_bn:  # SyncBN in the teacher needs a DDP wrapper too
-                self.teacher_ddp = DistributedDataParallel(teacher, device_ids=ids)
+        self.student, self.teacher, self.student_ddp, self.teacher_ddp = self.build_models()
 
         if cfg.compile == "on":  # forward only: state dicts and EMA keep using the plain modules
             self.student_ddp, self.teacher_ddp = torch.compile(self.student_ddp), torch.compile(self.teacher_ddp)
         elif cfg.compile != "off":
             raise UserError(f"unknown --compile '{cfg.compile}': use on or off")
 
-        groups = param_groups(student)
+        groups = param_groups(self.student)
         if cfg.optimizer == "adamw":  # fused: one kernel for all parameters (about 4x the foreach loop's speed)
             self.optimizer = torch.optim.AdamW(groups, **({"fused": True} if cfg.fused_optimizer else {"foreach": True}))
         elif cfg.optimizer == "sgd":
@@ -174,6 +169,32 @@ class Trainer:
         self.collapse_watch = CollapseWatch(cfg.out_dim)
         # first iteration whose loss was not finite (-1: none); checked at log steps and before every save
         self.first_nonfinite = torch.full((), -1, dtype=torch.int64, device=self.device)
+
+    def build_models(self) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
+        """(student, teacher, student as run, teacher as run): the plain modules (state dicts, EMA) and
+        what the steps call (DDP-wrapped under a process group).
+
+        With BatchNorm (a BN head, ResNet-50) under DDP the BatchNorm layers are synchronised over the
+        processes (SyncBatchNorm, CUDA only: on the CPU they stay per process, with a note) and the teacher
+        is wrapped in DDP too, as the official code does, so that its BatchNorm buffers follow rank 0. DDP
+        refuses a module with no trainable parameter, so the teacher is frozen after it is wrapped."""
+        cfg, info = self.cfg, self.dist
+        student, teacher = build_student_teacher(cfg, freeze=False)
+        student, teacher = student.to(self.device), teacher.to(self.device)
+        self.has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in student.modules())
+        student_run, teacher_run = student, teacher
+        if info.enabled:
+            if self.has_bn and self.device.type == "cuda":
+                student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+                teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
+            elif self.has_bn and info.is_main:
+                tqdm.write("note: BatchNorm is per process on the CPU (SyncBatchNorm needs CUDA): each process "
+                           "normalises with its own batch statistics", file=sys.stderr)
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            student_run = DistributedDataParallel(student, device_ids=ids)
+            teacher_run = DistributedDataParallel(teacher, device_ids=ids) if self.has_bn else teacher
+        freeze_teacher(teacher)
+        return student, teacher, student_run, teacher_run
 
     # ---------------------------------------------------------------- state
     def checkpoint_state(self, epoch_done: int, step: int) -> dict:

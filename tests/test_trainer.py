@@ -205,3 +205,29 @@ def test_compiled_models_train_like_the_plain_ones(tiny_suite, tmp_path):
     for key in ("student", "teacher"):
         for name, value in runs["on"][key].items():
             assert torch.allclose(value, runs["off"][key][name], atol=1e-4), (key, name)
+
+
+def test_demo_preset_with_batchnorm_head_trains_and_resumes_under_two_process_ddp(tiny_suite, tmp_path):
+    """The demo preset's head has BatchNorm: under DDP the teacher is wrapped before it is frozen (PyTorch
+    refuses to wrap a module without a trainable parameter). On the CPU the BatchNorm stays per process
+    (SyncBatchNorm needs CUDA); `make gpu-check` runs the SyncBatchNorm case."""
+    out = tmp_path / "ddp_bn"
+    settings = dict(data=tiny_suite / "train", output_dir=out, batch_size_per_gpu=4, num_workers=0, epochs=2,
+                    max_steps=3, save_every_steps=1, knn_every=0, log_every_steps=1)
+    env = subprocess_env()
+    first = subprocess.run(train_command(settings, 2, preset="demo"), cwd=REPO, env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "BatchNorm is per process" in first.stderr
+    saved = safe_load(out / "checkpoint.pth")
+    assert saved["global_batch"] == 8 and saved["step"] == 3
+    # the official layout: a DDP-wrapped teacher (BatchNorm) is saved with the 'module.' prefix
+    assert all(key.startswith("module.") for key in saved["teacher"])
+    assert any(key.endswith("running_mean") for key in saved["teacher"])
+    second = subprocess.run(train_command(settings, 2, preset="demo"), cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-2000:]
+    summary = json.loads(second.stdout.strip().splitlines()[-1])
+    assert summary["resumed"] and summary["start_iteration"] == 3 and summary["iterations"] == 6
+    resumed = safe_load(out / "checkpoint.pth")
+    assert any(not torch.equal(resumed["teacher"][k], saved["teacher"][k]) for k in saved["teacher"])

@@ -35,9 +35,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def train_command(settings: dict, processes: int = 1) -> list[str]:
+def train_command(settings: dict, processes: int = 1, preset: str = "vanilla") -> list[str]:
     """``python -m pretrain.train`` (or under torchrun with ``processes`` > 1) with ``settings`` as flags."""
-    train = ["-m", "pretrain.train", "--preset", "vanilla", *cli_args(settings)]
+    train = ["-m", "pretrain.train", "--preset", preset, *cli_args(settings)]
     if processes == 1:
         return [sys.executable, *train]
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
