@@ -47,6 +47,7 @@ from data.suite import render_object_image
 from bench.train_throughput import flat_schedules, official_choices, synchronize, variant_precision
 from bench.variant_process import add_model_arguments, bench_main, result_of
 from pretrain.config import resolve
+from pretrain.presets import PRESETS
 from pretrain.distributed import DistInfo
 from pretrain.trainer import Trainer, peak_memory_gb
 
@@ -86,8 +87,10 @@ def bench_config(args: argparse.Namespace, data: str, output_dir: str, variant: 
                   **variant_settings(variant, device))
     if args.preset == "demo":
         return resolve("demo", **common)
-    return resolve("paper", arch=args.arch, patch_size=args.patch, global_crops_size=args.global_size,
-                   local_crops_size=args.local_size, local_crops_number=args.locals, out_dim=args.out_dim, **common)
+    # the paper recipe's settings on any ViT (the `paper` preset itself describes ViT-S only)
+    sizes = dict(arch=args.arch, patch_size=args.patch, global_crops_size=args.global_size,
+                 local_crops_size=args.local_size, local_crops_number=args.locals, out_dim=args.out_dim)
+    return resolve("vanilla", **{**PRESETS["paper"], **sizes, **common})
 
 
 def run_variant(variant: str, args: argparse.Namespace, device: torch.device) -> dict:

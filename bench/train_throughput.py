@@ -71,6 +71,7 @@ import pretrain.trainer as trainer_module
 from bench.variant_process import add_model_arguments, bench_main, result_of
 from pretrain.backbones import VIT_SPECS
 from pretrain.config import TrainConfig, resolve
+from pretrain.presets import PRESETS
 from pretrain.distributed import DistInfo
 from pretrain.head import WeightNormLinear
 from pretrain.trainer import Trainer, autocast_dtype, peak_memory_gb
@@ -104,8 +105,9 @@ def bench_trainer(tmp: str, device: torch.device, schedule_length: int, preset: 
     ready (`random_crops`), so the step takes them as the loader path does
     (``augment_on="loader"``: only moved to the device), whatever the preset says.
     """
-    cfg = resolve(preset, data=make_folder(tmp + "/data", 8), output_dir=tmp + "/run",
-                  batch_size_per_gpu=1, num_workers=0, **{**overrides, "augment_on": "loader"})
+    # the preset's settings on any arch (a preset's own arch check is for the runs it reproduces)
+    cfg = resolve("vanilla", **{**PRESETS[preset], "data": make_folder(tmp + "/data", 8), "output_dir": tmp + "/run",
+                                "batch_size_per_gpu": 1, "num_workers": 0, **overrides, "augment_on": "loader"})
     return flat_schedules(Trainer(cfg, DistInfo(device=device)), schedule_length)
 
 

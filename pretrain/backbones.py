@@ -3,14 +3,19 @@
 ``build_backbone(arch, patch)`` returns a module whose ``forward`` maps
 (B, 3, H, W) images to (B, D) embeddings: the normed [CLS] token for ViTs,
 the globally average-pooled 2048-d feature for ResNet-50 (``fc`` removed).
+
+ResNet-50 is torchvision's ``resnet50``, as the official code trains it:
+its initialisation (Kaiming-normal convolutions, every BatchNorm weight 1)
+differs from timm's, which zeroes the last BatchNorm of each block, and its
+parameter names are those of the released DINO ResNet-50 checkpoints.
 ``embed_dim`` is set on every backbone so heads can be sized from it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import timm
 import torch.nn as nn
+import torchvision
 
 from data.errors import UserError
 
@@ -46,9 +51,10 @@ def build_backbone(arch: str, patch: int | None = 16, *, drop_path_rate: float =
     presets; any patch size). ``img_size`` is the side the position
     table is defined for (224 for every DINO model).
     """
-    if arch in CONVNETS:
-        model = timm.create_model(arch, pretrained=False, num_classes=0, drop_path_rate=drop_path_rate)
-        model.embed_dim = model.num_features
+    if arch in CONVNETS:  # no drop-path in torchvision's ResNet (nor in the official code's): the rate is unused
+        model = torchvision.models.resnet50(weights=None)
+        model.embed_dim = model.fc.in_features
+        model.fc = nn.Identity()
         return model
     if arch == CUSTOM_VIT:
         if None in (embed_dim, depth, num_heads) or not patch or patch <= 0:

@@ -268,7 +268,8 @@ def load_backbone_with_args(path_or_none, arch: str | None = None, patch: int | 
     if random_weights:
         return model.eval(), args
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
+    # a BatchNorm's step counter is no weight (files saved before PyTorch 0.4.1 lack it); it stays 0
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in expected]
     wrong_shape = [k for k in expected if k in state and state[k].shape != expected[k].shape]
     if missing or unexpected or wrong_shape:
@@ -277,5 +278,5 @@ def load_backbone_with_args(path_or_none, arch: str | None = None, patch: int | 
             if keys:
                 parts.append(f"{label}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''} ({len(keys)})")
         raise UserError(f"checkpoint '{path_or_none}' does not fit {describe_arch(spec)}: {'; '.join(parts)}")
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=not any(k not in state for k in expected))
     return model.eval(), args

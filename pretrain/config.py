@@ -1,8 +1,8 @@
 """Training configuration: one dataclass with the official defaults, presets.
 
 ``TrainConfig()`` holds the official code's defaults (PROTOCOLS A7). Presets
-are named sets of overrides applied on top; command-line flags override the
-preset. The resolved config is saved as ``config.json`` in the run folder and
+(`pretrain.presets`) are named sets of overrides applied on top; command-line
+flags override the preset. The resolved config is saved as ``config.json`` in the run folder and
 under ``args`` in every checkpoint.
 """
 from __future__ import annotations
@@ -12,6 +12,8 @@ import dataclasses
 from dataclasses import dataclass
 
 from data.errors import UserError
+
+from .presets import PRESETS, arch_mismatch
 
 
 @dataclass
@@ -90,58 +92,15 @@ class TrainConfig:
     preset: str = "vanilla"
 
 
-PRESETS: dict[str, dict] = {
-    # The official code's defaults (README "vanilla" run: 69.3 kNN at 100 epochs).
-    "vanilla": {},
-    # The paper's main ViT-S/16 recipe (Table 2, App. A): 800 epochs, batch
-    # 1024, teacher temperature 0.04 -> 0.07 over 30 epochs, 10 local crops.
-    "paper": dict(epochs=800, batch_size_per_gpu=64, teacher_temp=0.07, warmup_teacher_temp_epochs=30,
-                  local_crops_number=10),
-    # A CPU demonstration on 32-px images (the generated suite, data/suite).
-    # Departs from the paper on purpose, because the paper recipe scaled down
-    # learns nothing in minutes on a CPU (README "The demo"; the measurements
-    # behind each choice are in docs/demo.md):
-    # - a 4-block ViT of width 64 (2 heads of 32) with 8-px patches (16
-    #   tokens) on 32-px images and 4 local crops of 16 px: ~450 images/s on
-    #   2 cores, so 64 epochs of 3,000 images (2,944 steps of 64) fit in
-    #   about 7 minutes (4 heads of 16 learn the same k-NN but put half as
-    #   much attention on the object; 4-px patches cost 2.5x a step for no
-    #   better figure at equal time; 48 epochs end 3-7 points lower on
-    #   k-NN and attention, base lr 0.005 instead of 0.004 2-3 points lower);
-    # - the multi-crop batched in the training process (augment_on=device):
-    #   per-image PIL work in a loader worker would take one of the two cores;
-    # - a 256-way head with BatchNorm and a sharp teacher (0.02, no warm-up):
-    #   a teacher temperature of 0.04 or a 1,024-way head measured 8-12
-    #   20-NN points lower at 24 epochs, with attention off the objects;
-    # - the teacher momentum held at 0.995 for the whole run
-    #   (momentum_teacher_end): the official cosine rise to 1 freezes the
-    #   teacher once 1 - m(it) is too small for the steps left (after ~70% of
-    #   a 550-step run), and the teacher ended 7 points below its student;
-    # - colour jitter strong enough that two crops cannot be matched by their
-    #   random colours (hue 0.5, saturation 0.8, grayscale 0.5), with the hue
-    #   turned in YIQ space, which keeps the luma; the paper's jitter (0.1,
-    #   0.2, 0.2) lets the colours decide, and the 20-NN falls to random init;
-    # - the Gaussian blur radius scaled by 32/224 like the images;
-    # - the 20-NN monitor of teacher and student every 8 epochs (for the
-    #   report's curves; about 1.5 s a time, with --knn-data).
-    "demo": dict(arch="vit", embed_dim=64, depth=4, num_heads=2, patch_size=8, img_size=32,
-                 drop_path_rate=0.0, out_dim=256, hidden_dim=512, bottleneck_dim=128, use_bn_in_head=True,
-                 epochs=64, batch_size_per_gpu=64, lr=0.004, min_lr=1e-5, warmup_epochs=1,
-                 momentum_teacher=0.995, momentum_teacher_end=0.995, teacher_temp=0.02, warmup_teacher_temp=0.02,
-                 global_crops_size=32, local_crops_size=16, local_crops_number=4,
-                 global_crops_scale=(0.4, 1.0), local_crops_scale=(0.1, 0.4),
-                 jitter_hue=0.5, jitter_hue_space="yiq", jitter_saturation=0.8, grayscale_p=0.5,
-                 blur_radius=(0.015, 0.3), augment_on="device",
-                 num_workers=1, saveckp_freq=0, knn_every=8, log_every_steps=10),
-}
-
-
 def resolve(preset: str = "vanilla", **overrides) -> TrainConfig:
     """A config from a preset plus explicit overrides (None values ignored)."""
     if preset not in PRESETS:
         raise UserError(f"unknown preset '{preset}': choose one of {', '.join(PRESETS)}")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if "arch" in given and arch_mismatch(preset, given["arch"]):
+        raise UserError(arch_mismatch(preset, given["arch"]))
     values = dict(PRESETS[preset])
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    values.update(given)
     tuple_fields = {f.name for f in dataclasses.fields(TrainConfig) if isinstance(f.default, tuple)}
     values.update({k: tuple(v) for k, v in values.items() if k in tuple_fields})  # argparse gives lists
     names = {f.name for f in dataclasses.fields(TrainConfig)}

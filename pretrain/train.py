@@ -29,7 +29,9 @@ def knn_monitor_for(cfg, device):
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """``--preset`` and one flag per config field (the launchers check their arguments with the same ones)."""
-    parser.add_argument("--preset", default="vanilla", choices=sorted(config_module.PRESETS))
+    parser.add_argument("--preset", default="vanilla",
+                        help=f"named recipe the flags below override: {', '.join(config_module.PRESETS)} "
+                             "(README 'Presets'; default: vanilla, the official code's defaults)")
     config_module.add_arguments(parser)
 
 

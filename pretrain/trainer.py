@@ -37,6 +37,7 @@ from .config import TrainConfig, to_dict
 from .distributed import DistInfo, all_reduce_max, all_reduce_mean, barrier
 from .head import DINOHead, MultiCropWrapper
 from .loss import DINOLoss
+from .presets import start_notes
 from .run_log import CollapseWatch, RunLog
 from .sampler import ShardedSampler
 from .schedules import cosine_schedule, scaled_lr
@@ -163,6 +164,9 @@ class Trainer:
         self.lr_schedule = cosine_schedule(scaled_lr(cfg.lr, global_batch), cfg.min_lr, cfg.epochs, ipe, cfg.warmup_epochs)
         self.wd_schedule = cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, cfg.epochs, ipe)
         self.momentum_schedule = cosine_schedule(cfg.momentum_teacher, cfg.momentum_teacher_end, cfg.epochs, ipe)
+        self.start_notes = start_notes(cfg.preset, global_batch, cfg.lr, scaled_lr(cfg.lr, global_batch), cfg.epochs,
+                                       cfg.warmup_teacher_temp_epochs, self.loss_fn.teacher_temp(cfg.epochs - 1),
+                                       cfg.teacher_temp)
         self.start_epoch, self.start_step = 0, 0
         self.log_path = self.output_dir / "log.jsonl"
         self.run_log = RunLog(self.log_path, dist_info.is_main)
@@ -397,6 +401,8 @@ class Trainer:
         resumed = self.maybe_resume()
         self.iteration = self.start_epoch * self.iters_per_epoch + self.start_step
         if self.dist.is_main:
+            for note in self.start_notes:
+                tqdm.write(note, file=sys.stderr)
             self.output_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.output_dir / "config.json", json.dumps(to_dict(cfg), indent=2))
             if resumed:

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 
 from data.errors import UserError
 from pretrain import build_backbone
@@ -90,6 +91,23 @@ def test_resnet50_gives_pooled_2048():
     model = build_backbone("resnet50").eval()
     with torch.no_grad():
         assert model(torch.randn(1, 3, 64, 64)).shape == (1, 2048)
+
+
+def test_resnet50_is_initialised_as_torchvision_builds_it():
+    """The official code trains torchvision's resnet50: the same draws from the same seed, every BatchNorm
+    weight 1 (timm zeroes the last BatchNorm of each block), Kaiming-normal (fan out) convolutions."""
+    torch.manual_seed(0)
+    ours = build_backbone("resnet50")
+    torch.manual_seed(0)
+    reference = torchvision.models.resnet50(weights=None)
+    theirs = reference.state_dict()
+    assert set(ours.state_dict()) == {k for k in theirs if not k.startswith("fc.")}
+    for name, value in ours.state_dict().items():
+        assert torch.equal(value, theirs[name]), name
+    assert torch.equal(ours.layer1[0].bn3.weight, torch.ones(256))
+    conv = ours.layer3[2].conv2.weight  # 256 x 256 x 3 x 3: std sqrt(2 / fan_out) = sqrt(2 / (256 * 9))
+    assert conv.std().item() == pytest.approx(math.sqrt(2 / (256 * 9)), rel=0.02)
+    assert ours.embed_dim == 2048 and isinstance(ours.fc, torch.nn.Identity)
 
 
 def test_unknown_arch_and_patch_are_clear_errors():

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import timm
+import torchvision
 import torch
 
 from data.errors import UserError
@@ -99,11 +100,19 @@ def test_timm_state_dict_loads_and_matches_timm_forward(tmp_path):
 
 
 def test_resnet50_official_backbone(tmp_path):
-    net = timm.create_model("resnet50", pretrained=False, num_classes=1000)
+    """The released DINO ResNet-50 files are torchvision ResNet-50 state dicts (a DDP 'module.' prefix in
+    full checkpoints, the fc layer dropped); older files lack BatchNorm's step counters."""
+    net = torchvision.models.resnet50(weights=None)
+    with torch.no_grad():  # non-trivial BatchNorm statistics, so that a wrong load shows in the output
+        for module in net.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.1, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
     path = tmp_path / "rn50.pth"
-    torch.save({"state_dict": {"module." + k: v for k, v in net.state_dict().items()}}, path)
+    state = {"module." + k: v for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
+    torch.save({"state_dict": state}, path)
     model = load_backbone(path)
-    net.reset_classifier(0)
+    net.fc = torch.nn.Identity()
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.allclose(model(x), net.eval()(x), atol=1e-5)
