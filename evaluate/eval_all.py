@@ -46,6 +46,7 @@ import torch
 
 from data.atomic import atomic_write_text
 from data.errors import UserError, one_line_message, run_cli
+from data.run_lock import RunLock
 from pretrain.backbones import describe
 from pretrain.checkpoint import load_backbone_with_args
 
@@ -318,8 +319,9 @@ def main(argv=None) -> int:
                           None if args.linear_cached is None else bool(args.linear_cached))
     subject = load_subject(args.ckpt, args.arch, args.patch, args.key, args.random_like, args.seed)
     out = Path(args.out or Path("results") / subject.run)
-    outcomes = evaluate_all(subject, args.data_root, out, options, args.force, args.seed, args.batch_size,
-                            args.num_workers, args.fp32, not args.no_progress)
+    with RunLock.acquire(out, "eval-all"):  # one writer per results folder
+        outcomes = evaluate_all(subject, args.data_root, out, options, args.force, args.seed, args.batch_size,
+                                args.num_workers, args.fp32, not args.no_progress)
     tables = [outcome.table for outcome in outcomes if outcome.status != "failed"]
     if tables:
         print()

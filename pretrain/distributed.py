@@ -7,10 +7,13 @@ single process and no process group is created. NCCL on CUDA, gloo on CPU.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from data.run_lock import RunLock
 
 
 @dataclass
@@ -74,3 +77,25 @@ def all_reduce_max(value: float, info: DistInfo) -> float:
     tensor = torch.tensor([value], dtype=torch.float64, device=info.device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor.item()
+
+
+@contextmanager
+def main_process_lock(folder, purpose: str, info: DistInfo):
+    """Rank 0 holds the run folder's lock (`data.run_lock`) for the block; every rank stops when rank 0 is
+    refused (rank 0 with the error naming the holder, the others with exit status 2 and no message).
+    Yields the lock on rank 0, None on the others."""
+    lock, error = None, None
+    if info.is_main:
+        try:
+            lock = RunLock.acquire(folder, purpose)
+        except Exception as caught:  # noqa: BLE001 - every rank must learn of it before anyone raises
+            error = caught
+    if all_reduce_max(float(error is not None), info) > 0:
+        if error is not None:
+            raise error
+        raise SystemExit(2)
+    try:
+        yield lock
+    finally:
+        if lock is not None:
+            lock.release()

@@ -14,7 +14,7 @@ from data.imagefolder import ImageFolder, split_root
 
 from . import config as config_module
 from .augment import eval_transform
-from .distributed import init_distributed
+from .distributed import init_distributed, main_process_lock
 from .monitor import make_knn_monitor
 from .trainer import Trainer
 
@@ -55,8 +55,9 @@ def resolved_config(argv=None) -> config_module.TrainConfig:
 def main(argv=None) -> int:
     cfg = resolved_config(argv)
     dist_info = init_distributed()
-    monitor = knn_monitor_for(cfg, dist_info.device) if cfg.knn_every and cfg.knn_data else None
-    summary = Trainer(cfg, dist_info, monitor).fit()
+    with main_process_lock(cfg.output_dir, "pretrain", dist_info) as lock:  # one run per folder
+        monitor = knn_monitor_for(cfg, dist_info.device) if cfg.knn_every and cfg.knn_data else None
+        summary = Trainer(cfg, dist_info, monitor, lock).fit()
     if dist_info.is_main:
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in summary.items()}))
     return 0

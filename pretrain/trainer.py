@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from data.errors import UserError
 from data.imagefolder import ImageFolder, check_bad_fraction
+from data.run_lock import RunLock
 
 from .augment import MultiCropAugmentation
 from .backbones import build_backbone, describe
@@ -111,8 +112,11 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None
 class Trainer:
     """Owns models, optimizer, schedules and data for one run (one process)."""
 
-    def __init__(self, cfg: TrainConfig, dist_info: DistInfo, monitor: Callable[[nn.Module], dict] | None = None):
-        self.cfg, self.dist, self.monitor = cfg, dist_info, monitor
+    def __init__(self, cfg: TrainConfig, dist_info: DistInfo, monitor: Callable[[nn.Module], dict] | None = None,
+                 lock: RunLock | None = None):
+        """``lock``: the run folder's lock (rank 0, `pretrain.distributed.main_process_lock`), checked before
+        every checkpoint and log step so that a process whose lock was taken over stops writing."""
+        self.cfg, self.dist, self.monitor, self.lock = cfg, dist_info, monitor, lock
         self.device = dist_info.device
         self.output_dir = Path(cfg.output_dir)
         torch.manual_seed(cfg.seed)
@@ -225,6 +229,8 @@ class Trainer:
         self.check_finite()  # never replace a good checkpoint with a diverged state
         if not self.dist.is_main:
             return
+        if self.lock is not None:
+            self.lock.assert_held()
         state = self.checkpoint_state(epoch_done, step)
         save_training_checkpoint(state, self.output_dir, epoch_done * self.iters_per_epoch + step,
                                  keep=self.cfg.keep_checkpoints)
@@ -356,6 +362,8 @@ class Trainer:
     def log_step(self, epoch: int, it: int, loss: torch.Tensor, collapse: dict, bar: tqdm) -> None:
         """The step record (schedules, loss, collapse monitors); collapse warnings; the non-finite check."""
         self.check_finite()
+        if self.lock is not None:
+            self.lock.assert_held()
         bad_images = self.check_bad_images()
         monitors = {name: value.item() for name, value in collapse.items()}
         bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{self.lr_schedule[it]:.2e}")
