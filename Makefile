@@ -8,6 +8,8 @@
 #   make report   CKPT=runs/x/checkpoint.pth [DATA_ROOT=data/suite] [OUT=results/<run>] [IMAGES="a.jpg dir/"]
 #   make data     write the embedded suite into data/suite/
 #   make bench    training, data-pipeline and evaluation throughput on this machine
+#   make gpu-check  the GPU path in one go (8 minutes; results/gpu/); DRY=1: its CPU dry run; PY=python3: a
+#                 Python that already holds the dependencies (no .venv built)
 
 PYTHON ?= python3
 VENV := .venv
@@ -34,7 +36,7 @@ DATA_ROOT ?= data/suite
 FORCE ?=
 IMAGES ?=
 
-.PHONY: venv data demo test pretrain pretrain-slurm knn eval-all report bench clean
+.PHONY: venv data demo test pretrain pretrain-slurm knn eval-all report bench gpu-check clean
 
 venv: $(STAMP)
 
@@ -108,6 +110,14 @@ bench: $(STAMP)
 	$(PY) -m bench.eval_throughput
 	$(PY) -m bench.davis_propagation
 	$(PY) -m bench.reliability_overhead
+
+# the environment's build time (when it had to be built) goes into the report
+GPU_CHECK_OUT ?= results/gpu
+DRY ?=
+gpu-check:
+	@start=$$(date +%s); \
+	if [ "$(PY)" = "$(VENV)/bin/python" ]; then $(MAKE) --no-print-directory $(STAMP) || exit $$?; fi; \
+	$(PY) -m bench.gpu_check $(if $(DRY),--dry) --out "$(GPU_CHECK_OUT)" --env-seconds $$(( $$(date +%s) - start ))
 
 clean:
 	rm -rf runs data/suite

@@ -77,6 +77,8 @@ from pretrain.head import WeightNormLinear
 from pretrain.trainer import Trainer, autocast_dtype, peak_memory_gb
 
 VARIANTS = ("baseline", "ours")
+# what one process can run (`--run-variant`): the two compared rows, and ours under torch.compile (`make gpu-check`)
+RUNNABLE = (*VARIANTS, "ours-compile")
 RESULT_TAG = "VARIANT-RESULT "
 # the issue's estimate for ViT-S/16 at 2x224 + 10x96: student forward + backward, teacher forward
 ISSUE_ESTIMATE_GFLOP = {("vit_small", 16, 224, 96, 10, 65536): 124.0}
@@ -223,8 +225,8 @@ def official_choices(trainer: Trainer):
 
 
 def variant_context(trainer: Trainer, variant: str):
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant '{variant}': {VARIANTS}")
+    if variant not in RUNNABLE:
+        raise ValueError(f"unknown variant '{variant}': {RUNNABLE}")
     return official_choices(trainer) if variant == "baseline" else contextlib.nullcontext(trainer)
 
 
@@ -358,7 +360,7 @@ def run_variant(variant: str, args: argparse.Namespace, device: torch.device, co
     """Build the trainer in ``variant``'s precision, optionally count one step's FLOPs, warm up, time."""
     overrides = dict(arch=args.arch, patch_size=args.patch, global_crops_size=args.global_size,
                      local_crops_size=args.local_size, local_crops_number=args.locals, out_dim=args.out_dim,
-                     precision=variant_precision(variant, device))
+                     precision=variant_precision(variant, device), compile="on" if variant == "ours-compile" else "off")
     with tempfile.TemporaryDirectory() as tmp:
         trainer = bench_trainer(tmp, device, 1 + args.warmup + args.steps, **overrides)
         crops = random_crops(trainer, args.batch, torch.Generator().manual_seed(0), device)
@@ -377,9 +379,11 @@ def run_variant(variant: str, args: argparse.Namespace, device: torch.device, co
                     loss.item()  # the official loop checks math.isfinite(loss.item()) every step
                 if scale is not None and trainer.scaler.get_scale() < scale:
                     skipped += 1  # GradScaler found inf/NaN gradients and skipped the optimizer step
+            warmup_start = time.perf_counter()
             for it in range(1, 1 + args.warmup):
                 step(it)
             synchronize(device)
+            warmup_seconds = time.perf_counter() - warmup_start  # with compile: mostly compilation
             skipped = 0
             start = time.perf_counter()
             for it in range(1 + args.warmup, 1 + args.warmup + args.steps):
@@ -390,6 +394,7 @@ def run_variant(variant: str, args: argparse.Namespace, device: torch.device, co
         memory = peak_memory_gb(device)
     dtype = matmul_dtype(variant, device)
     return {"variant": variant, "step_s": seconds, "images_per_s": args.batch / seconds, "peak_memory_gb": memory,
+            "batch": args.batch, "warmup_s": warmup_seconds,
             "flops_per_image": flops, "estimate_per_image": estimate, "skipped_steps": skipped,
             "dtype": dtype_name(dtype), "matmul_peak": matmul_peak(device, dtype, **peak_settings(device)),
             "matmul_shapes": [[*key, count] for key, count in shapes.counts.items()] if shapes is not None else None}
@@ -411,7 +416,7 @@ def parse_args(argv):
                         help="alternate baseline / ours processes this many times; each keeps its fastest")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: torch's)")
-    parser.add_argument("--run-variant", choices=VARIANTS, help=argparse.SUPPRESS)  # internal: one variant
+    parser.add_argument("--run-variant", choices=RUNNABLE, help=argparse.SUPPRESS)  # internal: one variant
     parser.add_argument("--count-flops", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.device == "auto":

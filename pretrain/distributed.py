@@ -3,6 +3,11 @@
 torchrun sets RANK, WORLD_SIZE, LOCAL_RANK (and MASTER_ADDR/PORT); SLURM
 sets SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID. With neither, this is a
 single process and no process group is created. NCCL on CUDA, gloo on CPU.
+
+A process group exists when there are several processes, and also for a
+single process launched by torchrun (``--nproc_per_node=1``): as in the
+official code, such a run goes through DDP (and SyncBatchNorm on CUDA), so
+one GPU exercises the multi-GPU path (`make gpu-check` does).
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ class DistInfo:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    group: bool = False  # a process group exists (several processes, or one under torchrun)
 
     @property
     def is_main(self) -> bool:
@@ -29,7 +35,8 @@ class DistInfo:
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        """Whether this run is distributed: DDP wrappers, collectives, SyncBatchNorm on CUDA."""
+        return self.world_size > 1 or self.group
 
 
 def _env_int(*names: str) -> int | None:
@@ -49,12 +56,13 @@ def init_distributed() -> DistInfo:
         device = torch.device("cuda", torch.cuda.current_device())
     else:
         device = torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
+    group = world_size > 1 or "TORCHELASTIC_RUN_ID" in os.environ  # TORCHELASTIC_RUN_ID: set by torchrun
+    if group and not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, init_method="env://", world_size=world_size, rank=rank)
-    return DistInfo(rank, world_size, local_rank, device)
+    return DistInfo(rank, world_size, local_rank, device, group=group)
 
 
 def barrier(info: DistInfo) -> None:

@@ -204,6 +204,21 @@ class Trainer:
         freeze_teacher(teacher)
         return student, teacher, student_run, teacher_run
 
+    def setup_record(self) -> dict:
+        """What this run is made of (the log's ``setup`` record, written at each start): processes, DDP,
+        SyncBatchNorm, precision, where the crops are made, compile."""
+        sync_bn = sum(isinstance(m, nn.SyncBatchNorm) for m in self.student.modules())
+        return {"kind": "setup", "device": str(self.device),
+                "world_size": self.dist.world_size, "distributed": self.dist.enabled,
+                "ddp_student": isinstance(self.student_ddp, DistributedDataParallel) or
+                isinstance(getattr(self.student_ddp, "_orig_mod", None), DistributedDataParallel),
+                "ddp_teacher": isinstance(self.teacher_ddp, DistributedDataParallel) or
+                isinstance(getattr(self.teacher_ddp, "_orig_mod", None), DistributedDataParallel),
+                "batchnorm": self.has_bn, "sync_batchnorm_layers": sync_bn,
+                "precision": str(self.amp_dtype or torch.float32).removeprefix("torch."),
+                "augment_on": self.augment_on, "decode_on": self.decode_on, "compile": self.cfg.compile,
+                "global_batch": self.cfg.batch_size_per_gpu * self.dist.world_size}
+
     # ---------------------------------------------------------------- state
     def checkpoint_state(self, epoch_done: int, step: int) -> dict:
         args = to_dict(self.cfg)
@@ -422,6 +437,7 @@ class Trainer:
                 tqdm.write(f"note: the checkpoint was written with a global batch of {saved}, this run has {now}: "
                            f"resuming at the same image of epoch {self.start_epoch} (iteration {self.iteration}); "
                            "the run is no longer bit-identical to an uninterrupted one", file=sys.stderr)
+            self.log({**self.setup_record(), "iteration": self.iteration})
         barrier(self.dist)
         self.steps_done = 0
         summary = {"resumed": resumed, "start_iteration": self.iteration}

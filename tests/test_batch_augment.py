@@ -27,7 +27,7 @@ from pretrain.train import main as train_main
 from pretrain.trainer import Trainer
 from test_trainer import TINY, assert_same_training_state, cli_args, tiny_cfg
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]  # cuda: skipped without a GPU (conftest)
 PIL_ADJUST = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
 
 

@@ -213,7 +213,7 @@ def test_trainer_with_device_decode_equals_worker_decode(mixed_folder, tmp_path)
         assert torch.equal(value, states["device"][name]), name
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (nvJPEG)")
+@pytest.mark.cuda
 def test_nvjpeg_close_to_libjpeg_and_crops_close_on_the_gpu(mixed_folder):
     """nvJPEG's IDCT and chroma upsampling may differ from libjpeg's by a few levels; the crops made
     on the GPU from nvJPEG's pixels stay within the batched path's bounds of the CPU's."""
