@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 
-import faiss
 import numpy as np
 import torch
 
@@ -33,6 +32,7 @@ DEFAULT_KS = (10, 20, 100, 200)
 def faiss_neighbours(train_features: torch.Tensor, query_features: torch.Tensor, k: int,
                      use_gpu: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact inner-product top-k with FAISS: (similarities (Q, k), indices (Q, k))."""
+    import faiss  # here, not at import time: a machine whose FAISS build does not load still runs the rest
     train = np.ascontiguousarray(train_features.float().cpu().numpy())
     queries = np.ascontiguousarray(query_features.float().cpu().numpy())
     index = faiss.IndexFlatIP(train.shape[1])
