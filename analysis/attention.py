@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from analysis.figures import FigureFile, FigureSet, overlay, plt, print_outcome, save_figure, to_uint8
-from data.errors import UserError, run_cli
+from common.errors import UserError, run_cli
 from data.imagefolder import IMAGE_EXTENSIONS, images_directly_in, load_rgb
 from evaluate.attention_masks import RESIZE_MODES, AttentionMaps, attention_maps
 from evaluate.features import add_model_source_arguments, default_device, model_from_args

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 
-from data.errors import UserError, run_cli
+from common.errors import UserError, run_cli
 
 from .figures import FigureFile, FigureSet, save_figure
 

@@ -38,14 +38,14 @@ from matplotlib.lines import Line2D
 from sklearn.manifold import TSNE
 from threadpoolctl import threadpool_limits
 
-from data.atomic import atomic_write_text
-from data.errors import UserError, run_cli
+from common.atomic import atomic_write_text
+from common.errors import UserError, run_cli
 from data.imagefolder import ImageFolder
 from evaluate.eval_plan import EvalOptions, ModelInfo, plan_classification, read_suite
 from evaluate.features import (FeatureExtractor, as_extractor, FeatureSpec, ImageList, add_model_arguments,
                                extractor_from_args, source_run_name)
 from evaluate.knn import knn_datasets, trained_crop_size
-from pretrain.monitor import exact_neighbours
+from common.knn import exact_neighbours
 
 from .figures import FigureFile, FigureSet, plt, print_outcome, save_figure, tile_grid, to_uint8, with_border
 

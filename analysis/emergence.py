@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import html
 
-from data.errors import UserError
+from common.errors import UserError
 from evaluate.emergence import RANDOM_TWIN, ROWS, STUDENT, TEACHER, format_value
 from evaluate.eval_all import Subject, load_subject
 

@@ -2,7 +2,7 @@
 
 Images are handled as ``uint8`` arrays of shape (H, W, 3); masks as bool
 (H, W). Every figure is drawn with matplotlib's Agg backend (no display
-needed) and written through `data.atomic`, so a half-written PNG is never
+needed) and written through `common.atomic`, so a half-written PNG is never
 left behind.
 """
 from __future__ import annotations
@@ -19,8 +19,8 @@ import numpy as np  # noqa: E402
 import PIL.Image  # noqa: E402
 import torch  # noqa: E402
 
-from data.atomic import atomic_write_bytes  # noqa: E402
-from pretrain.augment import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from common.atomic import atomic_write_bytes  # noqa: E402
+from common.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 # RGB colours of the marks a tile can carry (retrieval: easy/hard/junk/negative)
 MARKS = {

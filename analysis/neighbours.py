@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from data.copydays import STRONG_BLOCK, Copydays
-from data.errors import UserError, one_line_message, run_cli
+from common.errors import UserError, one_line_message, run_cli
 from data.imagefolder import load_rgb
 from data.revisitop import RevisitopDataset
 from evaluate.copy_detection import copy_detection_descriptors

@@ -32,7 +32,7 @@ import numpy as np
 import PIL.Image
 
 from data.davis import Davis, davis_palette
-from data.errors import UserError, one_line_message, run_cli
+from common.errors import UserError, one_line_message, run_cli
 from data.index_masks import object_labels, read_index_mask
 from evaluate.metrics import score_sequence
 

@@ -46,8 +46,8 @@ from typing import Callable
 
 import torch
 
-from data.atomic import atomic_write_text
-from data.errors import UserError, one_line_message, run_cli
+from common.atomic import atomic_write_text
+from common.errors import UserError, one_line_message, run_cli
 from evaluate import results_table as rt
 from evaluate.emergence import RANDOM_TWIN
 from evaluate.eval_all import Subject, load_subject

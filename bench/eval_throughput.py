@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from evaluate.features import FeatureExtractor, FeatureSpec
 from evaluate.knn import faiss_neighbours
 from pretrain import build_backbone
-from pretrain.monitor import exact_neighbours
+from common.knn import exact_neighbours
 
 
 def timed(function, repeats: int = 1) -> tuple[float, object]:

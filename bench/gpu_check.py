@@ -45,8 +45,8 @@ import torch
 
 from bench.train_throughput import RESULT_TAG
 from bench.variant_process import REPO
-from data.atomic import atomic_write_text
-from data.errors import UserError, run_cli
+from common.atomic import atomic_write_text
+from common.errors import UserError, run_cli
 
 BUDGET_S = 480.0  # 8 minutes for the whole check, the environment already built
 S8_BATCHES = (128, 96, 64, 32)

@@ -46,7 +46,7 @@ from PIL import Image
 
 from bench.augment_throughput import photo_like
 from bench.variant_process import REPO
-from data.atomic import atomic_write_text
+from common.atomic import atomic_write_text
 from pretrain.checkpoint import safe_load, strip_prefixes
 from pretrain.config import resolve
 from pretrain.distributed import DistInfo

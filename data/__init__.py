@@ -1,8 +1,8 @@
 """Data for the DINO suite: readers of the real on-disk layouts and the embedded-suite generator.
 
-``data.errors`` holds `UserError` / `run_cli` (one-line errors for anything a
-user can cause); ``data.imagefolder`` reads ``root/<class>/<image>``;
-``data.suite`` writes the seeded synthetic suite in the real layouts.
+``data.imagefolder`` reads ``root/<class>/<image>``; ``data.suite`` writes the
+seeded synthetic suite in the real layouts. (One-line errors, atomic writes and
+the other helpers every layer shares live in ``common``.)
 
 The names below are re-exported lazily (PEP 562) so that ``import data`` stays
 light and ``python -m data.suite`` does not find its own module already
@@ -10,8 +10,6 @@ imported by the package (which makes runpy warn).
 """
 
 import importlib
-
-from data.errors import UserError, run_cli
 
 _LAZY_EXPORTS = {
     "IMAGE_EXTENSIONS": "data.imagefolder",
@@ -23,7 +21,7 @@ _LAZY_EXPORTS = {
     "write_classification": "data.suite",
 }
 
-__all__ = ["UserError", "run_cli", *_LAZY_EXPORTS]
+__all__ = [*_LAZY_EXPORTS]
 
 
 def __getattr__(name):

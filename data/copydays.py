@@ -25,7 +25,7 @@ uses directory-listing order, which is arbitrary).
 import os
 from dataclasses import dataclass
 
-from data.errors import UserError
+from common.errors import UserError
 from data.imagefolder import _check_directory, images_directly_in
 
 ORIGINAL_BLOCK = "original"

@@ -22,7 +22,7 @@ import os
 
 import numpy as np
 
-from data.errors import UserError
+from common.errors import UserError
 from data.imagefolder import _check_directory, load_rgb
 from data.index_masks import (check_mask_matches_image, label_colormap, object_labels, read_index_mask,
                               write_index_mask)

@@ -25,7 +25,7 @@ import PIL.Image
 import torch
 import torch.utils.data
 
-from data.errors import UserError
+from common.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 # what those files may hold, told apart by content (a PNG named .jpg is fine; JPEG includes cameras'

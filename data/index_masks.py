@@ -21,8 +21,8 @@ import os
 import numpy as np
 import PIL.Image
 
-from data.atomic import atomic_write
-from data.errors import UserError
+from common.atomic import atomic_write
+from common.errors import UserError
 
 INDEX_MASK_MODES = ("P", "L")
 VOID_LABEL = 255
@@ -91,7 +91,7 @@ def write_index_mask(path, mask, palette=None) -> None:
     """Write ``mask`` ((H, W) integers in 0..255) as a palette PNG at ``path``, atomically.
 
     ``palette`` is (256, 3) or a flat list of 768 values; default `label_colormap`.
-    Written through `data.atomic.atomic_write`, so a reader never sees a
+    Written through `common.atomic.atomic_write`, so a reader never sees a
     half-written mask. Parent folders are created.
     """
     path = os.fspath(path)

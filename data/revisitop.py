@@ -31,9 +31,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data.errors import UserError
+from common.errors import UserError
 from data.imagefolder import load_rgb
-from data.safe_pickle import safe_load
+from data.safe_pickle import load_pickle_file
 
 GND_KEYS = ("imlist", "qimlist", "gnd")
 QUERY_KEYS = ("bbx", "easy", "hard", "junk")
@@ -64,7 +64,7 @@ def load_ground_truth(path) -> GroundTruth:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise UserError(f"ground-truth file '{path}' does not exist: {LAYOUT_HINT}")
-    raw = safe_load(path)
+    raw = load_pickle_file(path)
     if not isinstance(raw, dict):
         _malformed(path, f"the top level is a {type(raw).__name__}, not a dict with keys {', '.join(GND_KEYS)}")
     missing = [key for key in GND_KEYS if key not in raw]

@@ -43,7 +43,7 @@ import struct
 
 import numpy as np
 
-from data.errors import UserError
+from common.errors import UserError
 
 PLAIN_DTYPE_CODE = re.compile(r"[biufcSU]\d+")  # 'f8', 'i8', 'b1', 'U40', ... never 'O', 'V', 'M'
 PYTHON2_MODULE_NAMES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
@@ -239,7 +239,7 @@ def safe_loads(data: bytes, source: str = "<bytes>"):
                         f"pickle; download it again") from None
 
 
-def safe_load(path):
+def load_pickle_file(path):
     """Read the file at ``path`` and unpickle it with `safe_loads` (same errors).
 
     A missing or unreadable file is a `UserError` too.

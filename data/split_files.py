@@ -8,7 +8,7 @@ listed twice is kept once, at its first position.
 
 import os
 
-from data.errors import UserError
+from common.errors import UserError
 
 
 def available_splits(folder) -> list:

@@ -46,7 +46,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from data.errors import UserError, run_cli
+from common.errors import UserError, run_cli
 from data.suite_shapes import (CLASS_NAMES, CLASS_TEXTURES, PIXEL_NOISE_STD, SUPERSAMPLING, TEXTURE_PERIOD,
                                background, draw_distractors, draw_object_mask, sample_colours, second_tone,
                                texture_pattern)

@@ -19,7 +19,7 @@ import os
 
 import numpy as np
 
-from data.errors import UserError
+from common.errors import UserError
 from data.imagefolder import _check_directory, load_rgb
 from data.index_masks import check_mask_matches_image, read_index_mask
 from data.split_files import read_split_file

@@ -37,12 +37,12 @@ import torch
 import torchvision.transforms.functional as TF
 from tqdm import tqdm
 
-from data.atomic import atomic_write_text
-from data.errors import UserError, run_cli
+from common.atomic import atomic_write_text
+from common.errors import UserError, run_cli
 from data.voc import VOCSegmentation
 from evaluate.features import add_model_arguments, default_device, extractor_from_args
 from evaluate.metrics import attention_mass_masks, best_head_jaccard, mean_jaccard, patch_masks_to_pixels
-from pretrain.augment import IMAGENET_MEAN, IMAGENET_STD
+from common.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 RESIZE_MODES = ("square", "short-side")
 MASK_KINDS = ("class", "object")

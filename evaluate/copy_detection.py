@@ -28,9 +28,9 @@ import torch
 import torchvision.transforms as T
 
 from data.copydays import STRONG_BLOCK, Copydays
-from data.errors import run_cli
-from pretrain.augment import IMAGENET_MEAN, IMAGENET_STD
-from pretrain.checkpoint import atomic_write_text
+from common.errors import run_cli
+from common.transforms import IMAGENET_MEAN, IMAGENET_STD
+from common.atomic import atomic_write_text
 
 from .descriptors import fit_pca_whitening
 from .features import FeatureExtractor, FeatureSpec, ImageList, add_model_arguments, extractor_from_args

@@ -30,9 +30,9 @@ import time
 from pathlib import Path
 
 from data import suite as suite_cli
-from data.errors import UserError, one_line_message, run_cli
+from common.errors import UserError, one_line_message, run_cli
 from pretrain import train as train_cli
-from pretrain.checkpoint import atomic_write_text
+from common.atomic import atomic_write_text
 from pretrain.config import to_dict
 
 from .emergence import RANDOM_TWIN, STUDENT, TEACHER, diagnose, format_diagnoses

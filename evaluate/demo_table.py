@@ -17,7 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
-from data.errors import UserError, run_cli
+from common.errors import UserError, run_cli
 
 from .emergence import RANDOM_TWIN, STUDENT, TEACHER
 

@@ -46,8 +46,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from data.atomic import atomic_write_text
-from data.errors import UserError, run_cli
+from common.atomic import atomic_write_text
+from common.errors import UserError, run_cli
 from data.voc import VOCSegmentation
 from pretrain.backbones import describe
 

@@ -44,9 +44,9 @@ from pathlib import Path
 
 import torch
 
-from data.atomic import atomic_write_text
-from data.errors import UserError, one_line_message, run_cli
-from data.run_lock import RunLock
+from common.atomic import atomic_write_text
+from common.errors import UserError, one_line_message, run_cli
+from common.run_lock import RunLock
 from pretrain.backbones import describe
 from pretrain.checkpoint import load_backbone_with_args
 

@@ -47,7 +47,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data.errors import UserError, one_line_message
+from common.errors import UserError, one_line_message
 
 from .linear import BASE_LR, BATCH_SIZE, EPOCHS
 from .retrieval import find_datasets

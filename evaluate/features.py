@@ -44,7 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data.errors import UserError
+from common.errors import UserError
 from data.imagefolder import load_rgb
 from pretrain.backbones import is_vit
 from pretrain.checkpoint import UnreadableCheckpoint, atomic_save, load_backbone_with_args, safe_load

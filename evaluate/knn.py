@@ -18,11 +18,11 @@ import json
 import numpy as np
 import torch
 
-from data.errors import UserError, run_cli
+from common.errors import UserError, run_cli
 from data.imagefolder import ImageFolder, split_root
-from pretrain.checkpoint import atomic_write_text
-from pretrain.augment import eval_transform
-from pretrain.monitor import knn_scores
+from common.atomic import atomic_write_text
+from common.transforms import eval_transform
+from common.knn import knn_scores
 
 from .features import FeatureSpec, as_extractor, add_model_source_arguments, model_from_args
 

@@ -40,12 +40,14 @@ import torch.nn.functional as F
 import torchvision.transforms as T
 from tqdm import tqdm
 
-from data.errors import UserError, run_cli
+from common.errors import UserError, run_cli
 from data.imagefolder import ImageFolder, split_root
-from pretrain.augment import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from common.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from pretrain.backbones import describe, is_vit
-from pretrain.checkpoint import atomic_save, atomic_write_text
-from pretrain.monitor import accuracies
+from common.atomic import atomic_write_text
+from pretrain.checkpoint import atomic_save
+from common.knn import accuracies
+from common.scaling import scaled_lr
 
 from .features import FeatureExtractor, FeatureSpec, add_model_arguments, extractor_from_args
 from .knn import trained_crop_size
@@ -67,11 +69,6 @@ def linear_feature_spec(model: nn.Module, n_last_blocks: int | None = None,
         raise UserError(f"--n-last-blocks {n} is outside 1..{len(model.blocks)} (the backbone's depth)")
     avgpool = is_base if avgpool_patchtokens is None else avgpool_patchtokens
     return FeatureSpec("last_blocks", n_last_blocks=n, avgpool_patchtokens=avgpool)
-
-
-def scaled_lr(base_lr: float, batch_size: int) -> float:
-    """Linear scaling rule: base_lr * batch / 256."""
-    return base_lr * batch_size / 256
 
 
 def train_transform(image_size: int = 224) -> T.Compose:

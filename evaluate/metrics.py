@@ -27,7 +27,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from data.errors import UserError, run_cli
+from common.errors import UserError, run_cli
 from data.index_masks import VOID_LABEL, object_labels, read_index_mask
 from data.split_files import read_split_file
 

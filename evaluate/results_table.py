@@ -52,8 +52,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from data.atomic import atomic_write_text
-from data.errors import UserError, run_cli
+from common.atomic import atomic_write_text
+from common.errors import UserError, run_cli
 
 FIXED_COLUMNS = ("table", "method", "arch", "patch", "metric", "value", "source")
 TABLES = ("table2_linear_knn", "table3_retrieval", "table4_copy_detection",

@@ -37,10 +37,10 @@ import torch.nn.functional as F
 import torchvision.transforms as T
 from PIL import Image
 
-from data.errors import UserError, run_cli
+from common.errors import UserError, run_cli
 from data.revisitop import RevisitopDataset
-from pretrain.augment import IMAGENET_MEAN, IMAGENET_STD
-from pretrain.checkpoint import atomic_write_text
+from common.transforms import IMAGENET_MEAN, IMAGENET_STD
+from common.atomic import atomic_write_text
 
 from .features import FeatureExtractor, FeatureSpec, ImageList, add_model_arguments, extractor_from_args
 from .metrics import RETRIEVAL_PROTOCOLS, protocol_sets, ranking_from_similarity, retrieval_scores

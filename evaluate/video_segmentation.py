@@ -45,9 +45,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data.atomic import atomic_write_text
+from common.atomic import atomic_write_text
 from data.davis import Davis, davis_palette
-from data.errors import UserError, run_cli
+from common.errors import UserError, run_cli
 from data.index_masks import write_index_mask
 from evaluate.features import add_model_arguments, default_device, extractor_from_args, run_name, weights_fingerprint
 from evaluate.label_propagation import (DEFAULT_MAX_AFFINITY_ELEMENTS, ContextQueue, full_fp32_matmuls,

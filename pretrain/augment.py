@@ -37,22 +37,8 @@ import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageFilter, ImageOps
 
-from data.errors import UserError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def eval_transform(image_size: int = 224) -> T.Compose:
-    """The evaluation view (PROTOCOLS B1): Resize(image_size * 256/224, bicubic)
-    -> CenterCrop(image_size) -> tensor -> ImageNet normalisation."""
-    return T.Compose([
-        T.Resize(round(image_size * 256 / 224), interpolation=T.InterpolationMode.BICUBIC),
-        T.CenterCrop(image_size),
-        T.ToTensor(),
-        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
-
+from common.errors import UserError
+from common.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 def random_resized_crop_box(rng: random.Random, width: int, height: int, scale: tuple[float, float],
                             ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:

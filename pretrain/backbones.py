@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch.nn as nn
 import torchvision
 
-from data.errors import UserError
+from common.errors import UserError
 
 from .vision_transformer import DinoVisionTransformer
 

@@ -53,7 +53,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from data.errors import UserError
+from common.errors import UserError
 
 from .augment import (IMAGENET_MEAN, IMAGENET_STD, DecodedBatch, DecodedCropDataset, MultiCropAugmentation,
                       MultiCropDataset, collate_decoded, pad_images, rotate_hue_yiq)

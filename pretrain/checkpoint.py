@@ -34,8 +34,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from data.atomic import atomic_write, atomic_write_text  # noqa: F401 (re-exported)
-from data.errors import UserError
+from common.atomic import atomic_write
+from common.errors import UserError
 # the gnd reader's numpy stand-ins: they never hand numpy the file's dtype state
 from data.safe_pickle import DtypeRecipe, materialize
 
@@ -100,7 +100,7 @@ WRAPPER_PREFIXES = ("module.", "backbone.", "_orig_mod.")
 
 def atomic_save(obj, path: str | os.PathLike) -> None:
     """torch.save to a temp file in the same folder, fsync, then rename
-    (`data.atomic.atomic_write`): a crash mid-write leaves the previous file intact."""
+    (`common.atomic.atomic_write`): a crash mid-write leaves the previous file intact."""
     atomic_write(path, lambda handle: torch.save(obj, handle))
 
 

@@ -31,8 +31,8 @@ import shutil
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from data.atomic import atomic_write, fsync_folder
-from data.errors import UserError
+from common.atomic import atomic_write, fsync_folder
+from common.errors import UserError
 
 from .checkpoint import UnreadableCheckpoint, atomic_save, safe_load
 

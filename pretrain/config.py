@@ -11,7 +11,7 @@ import argparse
 import dataclasses
 from dataclasses import dataclass
 
-from data.errors import UserError
+from common.errors import UserError
 
 from .presets import PRESETS, arch_mismatch
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from data.run_lock import RunLock
+from common.run_lock import RunLock
 
 
 @dataclass

@@ -15,7 +15,7 @@ import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data.errors import run_cli
+from common.errors import run_cli
 
 VIT_ARCHS = ("vit_tiny", "vit_small", "vit_base", "vit")
 REFERENCE_TABLE = Path(__file__).resolve().parents[1] / "results" / "reference" / "table2_linear_knn.csv"

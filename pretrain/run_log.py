@@ -25,7 +25,7 @@ import json
 import math
 from pathlib import Path
 
-from data.atomic import atomic_write_text
+from common.atomic import atomic_write_text
 
 UNIFORM_FRACTION = 0.98
 ONE_DIMENSION_NATS = 0.05

@@ -29,8 +29,3 @@ def cosine_schedule(base: float, final: float, epochs: int, iters_per_epoch: int
     if len(schedule) != total:
         raise ValueError(f"warm-up ({warmup_epochs} epochs) longer than the run ({epochs} epochs)")
     return schedule
-
-
-def scaled_lr(lr_ref: float, global_batch: int) -> float:
-    """Linear scaling rule: lr = lr_ref * global_batch / 256."""
-    return lr_ref * global_batch / 256.0

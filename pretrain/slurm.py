@@ -40,7 +40,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from data.errors import UserError, run_cli
+from common.errors import UserError, run_cli
 
 from . import config as config_module
 from .train import add_train_arguments, config_from_args

@@ -9,11 +9,11 @@ import argparse
 import json
 import os
 
-from data.errors import UserError, run_cli
+from common.errors import UserError, run_cli
 from data.imagefolder import ImageFolder, split_root
 
 from . import config as config_module
-from .augment import eval_transform
+from common.transforms import eval_transform
 from .distributed import init_distributed, main_process_lock
 from .monitor import make_knn_monitor
 from .trainer import Trainer

@@ -25,14 +25,16 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from data.errors import UserError
+from common.errors import UserError
 from data.imagefolder import ImageFolder, check_bad_fraction
-from data.run_lock import RunLock
+from common.run_lock import RunLock
 
 from .augment import MultiCropAugmentation
 from .backbones import build_backbone, describe
 from .batch_augment import crop_pipeline, resolve_pipeline
-from .checkpoint import atomic_save, atomic_write_text, strip_prefixes
+from common.atomic import atomic_write_text
+
+from .checkpoint import atomic_save, strip_prefixes
 from .checkpoint_files import load_training_checkpoint, save_training_checkpoint
 from .config import TrainConfig, to_dict
 from .distributed import DistInfo, all_reduce_max, all_reduce_mean, barrier
@@ -41,7 +43,9 @@ from .loss import DINOLoss
 from .presets import start_notes
 from .run_log import CollapseWatch, RunLog
 from .sampler import ShardedSampler
-from .schedules import cosine_schedule, scaled_lr
+from common.scaling import scaled_lr
+
+from .schedules import cosine_schedule
 
 
 def build_student_teacher(cfg: TrainConfig, freeze: bool = True) -> tuple[MultiCropWrapper, MultiCropWrapper]:

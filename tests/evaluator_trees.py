@@ -9,7 +9,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from data.errors import run_cli
+from common.errors import run_cli
 from data.index_masks import write_index_mask
 from pretrain import build_backbone
 from pretrain.backbones import describe

@@ -7,7 +7,7 @@ import torch
 
 from analysis.attention import PNG_DPI, TILE_INCHES, attention_figure, attention_figures, main
 from analysis.figures import overlay, plt, save_figure, to_uint8
-from data.errors import UserError, run_cli
+from common.errors import UserError, run_cli
 from evaluate.attention_masks import AttentionMaps, attention_maps, prepare_pair
 from pretrain import build_backbone
 

@@ -12,7 +12,7 @@ from evaluate.knn import knn_datasets
 from analysis.embeddings import (embedding_figures, knn_crop_size, main, neighbour_marks,
                                  neighbour_rows, split_features, stratified_subsample, tsne_coordinates)
 from analysis.figures import MARKS
-from data.errors import UserError, run_cli
+from common.errors import UserError, run_cli
 from evaluate.features import FeatureExtractor
 
 from figure_checks import assert_not_blank

@@ -12,7 +12,7 @@ from analysis.propagation import grey, overlay_labels, propagation_figures, sequ
 from analysis.propagation import main as propagation_main
 from data.copydays import Copydays
 from data.davis import Davis, davis_palette, write_index_mask
-from data.errors import UserError
+from common.errors import UserError
 from data.revisitop import QueryGroundTruth, RevisitopDataset
 from evaluate.copy_detection import run_copy_detection
 from evaluate.features import FeatureExtractor

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import evaluate.attention_masks as attention
-from data.errors import run_cli
+from common.errors import run_cli
 from data.index_masks import write_index_mask
 from evaluate.attention_masks import attention_maps, prepare_pair, run_attention_masks
 from pretrain import build_backbone

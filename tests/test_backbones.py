@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from data.errors import UserError
+from common.errors import UserError
 from pretrain import build_backbone
 from pretrain.backbones import describe
 from pretrain.vision_transformer import interpolate_pos_embed

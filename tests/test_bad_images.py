@@ -20,7 +20,7 @@ import PIL.Image
 import pytest
 import torch
 
-from data.errors import UserError, one_line_message
+from common.errors import UserError, one_line_message
 from data.imagefolder import DEFAULT_MAX_IMAGE_PIXELS, BadImageError, ImageFolder, load_rgb, read_bad_log
 from pretrain.augment import MultiCropAugmentation, sample_rng
 from pretrain.batch_augment import crop_pipeline
@@ -315,7 +315,7 @@ def test_short_pretrain_over_the_fuzz_folder_skips_and_names_the_bad_files(fuzz,
 
 
 def test_pretrain_stops_when_too_many_images_are_bad(fuzz, tmp_path, capsys):
-    from data.errors import run_cli
+    from common.errors import run_cli
     from pretrain import train
     out = tmp_path / "run"
     args = ["--preset", "demo", "--data", str(fuzz["root"]), "--output-dir", str(out), "--epochs", "1",

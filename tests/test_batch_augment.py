@@ -13,7 +13,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image, ImageFilter, ImageOps
 
 from bench.augment_throughput import photo_like
-from data.errors import UserError, run_cli
+from common.errors import UserError, run_cli
 from data.imagefolder import ImageFolder
 from data.suite import render_object_image
 from pretrain.augment import (IMAGENET_STD, DecodedCropDataset, MultiCropAugmentation, collate_decoded, pack_params,

@@ -14,7 +14,7 @@ import timm
 import torchvision
 import torch
 
-from data.errors import UserError
+from common.errors import UserError
 from pretrain import build_backbone, load_backbone
 from pretrain.checkpoint import atomic_save, safe_load
 from pretrain.checkpoint_files import load_training_checkpoint, save_training_checkpoint
@@ -199,7 +199,7 @@ def test_plain_pickle_without_weights_is_rejected(tmp_path):
 
 
 def test_atomic_write_text_replaces_whole_file(tmp_path):
-    from pretrain.checkpoint import atomic_write_text
+    from common.atomic import atomic_write_text
     path = tmp_path / "out" / "results.json"
     atomic_write_text(path, '{"a": 1}')
     atomic_write_text(path, '{"a": 2}')
@@ -386,7 +386,7 @@ def test_failed_first_write_says_no_earlier_checkpoint(tmp_path, monkeypatch):
 
 FULL_DISK_SCRIPT = """
 import json, os, sys, torch
-from data.errors import UserError
+from common.errors import UserError
 from pretrain.checkpoint_files import load_training_checkpoint, save_training_checkpoint
 folder = sys.argv[1]
 save_training_checkpoint({"w": torch.arange(16.0), "step": 1}, folder, 1)

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from data import suite
-from data.errors import UserError, one_line_message, run_cli
+from common.errors import UserError, one_line_message, run_cli
 from data import imagefolder
 from data.imagefolder import (IMAGE_EXTENSIONS, BadImageError, ImageFolder, check_bad_fraction, load_rgb,
                               read_bad_log, split_root)

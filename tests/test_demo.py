@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from data.errors import run_cli
+from common.errors import run_cli
 from evaluate import demo, demo_table
 from evaluate.emergence import RANDOM_TWIN, STUDENT, TEACHER
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torchvision.transforms.functional as TF
 
-from data.errors import UserError
+from common.errors import UserError
 from data.imagefolder import BadImageError, ImageFolder, load_rgb, read_bad_log, read_encoded
 from pretrain.augment import DecodedCropDataset, MultiCropAugmentation, collate_decoded
 from pretrain.batch_augment import BatchMultiCrop, crop_pipeline, resolve_pipeline

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from data.errors import UserError, run_cli
+from common.errors import UserError, run_cli
 from evaluate import demo, emergence
 from evaluate.emergence import (RANDOM_TWIN, ROWS, STUDENT, TEACHER, diagnose, feature_geometry, format_diagnoses,
                                 object_attention_share, patch_object_fractions)

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from data.errors import run_cli
+from common.errors import run_cli
 from evaluate import eval_all, results_table as rt
 from evaluate.attention_masks import run_attention_masks
 from evaluate.copy_detection import run_copy_detection

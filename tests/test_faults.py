@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from data.errors import UserError
+from common.errors import UserError
 from pretrain.checkpoint import safe_load
 from pretrain.checkpoint_files import load_training_checkpoint
 from pretrain.distributed import DistInfo

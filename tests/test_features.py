@@ -3,12 +3,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from data.errors import UserError
+from common.errors import UserError
 from data.imagefolder import ImageFolder
 from evaluate.descriptors import copy_detection_descriptor
 from evaluate.features import (FeatureExtractor, FeatureSpec, ImageList, extraction_defaults, rescale, run_name,
                                weights_fingerprint)
-from pretrain.augment import eval_transform
+from common.transforms import eval_transform
 from pretrain.checkpoint import atomic_save
 
 from evaluator_trees import files_under, pattern_image, save_image, tiny_vit

@@ -10,7 +10,7 @@ import torch
 
 from bench import gpu_check
 from bench.gpu_check import Step, run_steps
-from data.errors import run_cli
+from common.errors import run_cli
 
 from tiny_runs import REPO
 

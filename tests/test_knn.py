@@ -7,8 +7,8 @@ import torch
 
 from data.imagefolder import ImageFolder, split_root
 from evaluate.knn import faiss_neighbours, run_knn
-from pretrain.augment import eval_transform
-from pretrain.monitor import exact_neighbours, knn_scores, weighted_vote
+from common.transforms import eval_transform
+from common.knn import exact_neighbours, knn_scores, weighted_vote
 
 from conftest import cifar10_sample
 

@@ -8,9 +8,10 @@ import torch
 from data.imagefolder import ImageFolder
 from evaluate.features import FeatureExtractor, FeatureSpec
 from evaluate.linear import (LinearClassifier, classifier_accuracies, linear_feature_spec, main, run_linear,
-                             scaled_lr, shuffled_batches, train_linear_probe)
+                             shuffled_batches, train_linear_probe)
 from pretrain import build_backbone
-from pretrain.augment import eval_transform
+from common.scaling import scaled_lr
+from common.transforms import eval_transform
 
 from evaluator_trees import files_under, pattern_image, run_main, save_image, save_tiny_checkpoint, tiny_vit
 

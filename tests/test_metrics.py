@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.errors import UserError, run_cli
+from common.errors import UserError, run_cli
 from evaluate.metrics import (best_head_jaccard, attention_mass_masks, boundary_f_measure, boundary_tolerance,
                               copy_detection_ap, copy_detection_block_maps, davis_j_and_f, main, mask_boundary,
                               mean_jaccard, patch_masks_to_pixels, ranking_from_similarity, read_sequence,

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from data.errors import UserError, run_cli
+from common.errors import UserError, run_cli
 from pretrain import load_backbone
 from pretrain.config import TrainConfig, resolve
 from pretrain.distributed import DistInfo
 from pretrain.presets import RECIPES, presets_table, start_notes
-from pretrain.schedules import scaled_lr
+from common.scaling import scaled_lr
 from pretrain.train import main as train_main
 from pretrain.trainer import Trainer
 

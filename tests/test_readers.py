@@ -16,10 +16,10 @@ import pytest
 
 from data.copydays import Copydays
 from data.davis import Davis, davis_palette, read_index_mask, write_index_mask
-from data.errors import UserError
+from common.errors import UserError
 from data.index_masks import label_colormap, object_labels
 from data.revisitop import RevisitopDataset, load_ground_truth
-from data.safe_pickle import safe_load, safe_loads
+from data.safe_pickle import load_pickle_file, safe_loads
 from data.voc import VOC_CLASS_NAMES, VOCSegmentation, find_voc2012_folder
 
 from conftest import shared_data_dir
@@ -81,7 +81,7 @@ def test_safe_load_rebuilds_containers_and_numpy_under_every_protocol(tmp_path):
     for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
         path = tmp_path / f"p{protocol}.pkl"
         path.write_bytes(pickle.dumps(data, protocol=protocol))
-        loaded = safe_load(path)
+        loaded = load_pickle_file(path)
         assert loaded.keys() == data.keys()
         for key in ("imlist", "tuple", "set", "frozen", "bytes", "no_bytes", "buffer", "dtype"):
             assert loaded[key] == data[key]
@@ -113,7 +113,7 @@ def test_safe_load_reads_python2_pickles_with_latin1(tmp_path):
     path.write_bytes(_python2_pickle())
     with pytest.raises(UnicodeDecodeError):
         pickle.loads(path.read_bytes())  # what plain Python 3 does with it
-    loaded = safe_load(path)
+    loaded = load_pickle_file(path)
     assert loaded["name"] == "caf\u00e9"
     np.testing.assert_array_equal(loaded["bbx"], np.array([1.0, 2.0]))
     assert loaded["bbx"].dtype == np.float64
@@ -148,20 +148,20 @@ def test_safe_load_refuses_malicious_reduce_without_running_it(tmp_path, payload
     marker = tmp_path / "executed"
     path = tmp_path / "gnd_evil.pkl"
     path.write_bytes(pickle.dumps({"imlist": ["a"], "gnd": [payload(marker)]}, protocol=protocol))
-    _raises_one_line(lambda: safe_load(path), path, f"'{forbidden}'", "refusing")
+    _raises_one_line(lambda: load_pickle_file(path), path, f"'{forbidden}'", "refusing")
     assert not marker.exists()
 
 
 def test_the_malicious_payload_is_live_under_plain_pickle(tmp_path):
     marker = tmp_path / "executed"
-    pickle.loads(pickle.dumps(_RunsEval(marker)))  # what safe_load must prevent
+    pickle.loads(pickle.dumps(_RunsEval(marker)))  # what load_pickle_file must prevent
     assert marker.exists()
 
 
 def test_safe_load_refuses_arbitrary_classes_and_corrupt_files(tmp_path):
     path = tmp_path / "object.pkl"
     path.write_bytes(pickle.dumps([_PlainClass()], protocol=4))
-    _raises_one_line(lambda: safe_load(path), path, f"'{_PlainClass.__module__}._PlainClass'")
+    _raises_one_line(lambda: load_pickle_file(path), path, f"'{_PlainClass.__module__}._PlainClass'")
     subprocess_call = b"\x80\x02csubprocess\ncheck_call\nX\x02\x00\x00\x00ls\x85R."
     _raises_one_line(lambda: safe_loads(subprocess_call, "call.pkl"), "call.pkl", "'subprocess.check_call'")
     float_array = pickle.dumps(np.array([1.0]), protocol=2)
@@ -179,8 +179,8 @@ def test_safe_load_refuses_arbitrary_classes_and_corrupt_files(tmp_path):
     _raises_one_line(lambda: safe_loads(huge_allocation, "huge.pkl"), "huge.pkl", "cannot unpickle")
     truncated = tmp_path / "truncated.pkl"
     truncated.write_bytes(pickle.dumps({"imlist": ["a"] * 50}, protocol=3)[:40])
-    _raises_one_line(lambda: safe_load(truncated), truncated, "cannot unpickle")
-    _raises_one_line(lambda: safe_load(tmp_path / "absent.pkl"), tmp_path / "absent.pkl", "cannot read")
+    _raises_one_line(lambda: load_pickle_file(truncated), truncated, "cannot unpickle")
+    _raises_one_line(lambda: load_pickle_file(tmp_path / "absent.pkl"), tmp_path / "absent.pkl", "cannot read")
 
 
 @pytest.mark.parametrize("dataset, n_database, first_bbx, totals", [
@@ -189,7 +189,7 @@ def test_safe_load_refuses_arbitrary_classes_and_corrupt_files(tmp_path):
 ])
 def test_safe_load_reads_the_real_gnd_pickles(dataset, n_database, first_bbx, totals):
     path = _shared(f"revisitop/gnd_{dataset}.pkl")
-    gnd = safe_load(path)
+    gnd = load_pickle_file(path)
     assert sorted(gnd) == ["gnd", "imlist", "qimlist"]
     assert (len(gnd["imlist"]), len(gnd["qimlist"]), len(gnd["gnd"])) == (n_database, 70, 70)
     assert gnd["gnd"][0]["bbx"] == first_bbx

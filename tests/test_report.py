@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from analysis import report
-from data.errors import run_cli
+from common.errors import run_cli
 from evaluate import eval_all, results_table as rt
 from evaluate.emergence import ROWS, diagnose
 from pretrain import train as train_cli

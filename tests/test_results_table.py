@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from data.errors import UserError
+from common.errors import UserError
 from evaluate import results_table as rt
 
 REFERENCE = Path(__file__).resolve().parents[1] / "results" / "reference"

@@ -1,4 +1,4 @@
-"""One writer per run folder (data/run_lock.py): refusals, stale and killed holders, SLURM requeues, races."""
+"""One writer per run folder (common/run_lock.py): refusals, stale and killed holders, SLURM requeues, races."""
 from __future__ import annotations
 
 import json
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from data.errors import UserError, run_cli
-from data.run_lock import LOCK_NAME, Holder, RunLock, process_start_ticks
+from common.errors import UserError, run_cli
+from common.run_lock import LOCK_NAME, Holder, RunLock, process_start_ticks
 from pretrain.train import main as train_main
 
 from tiny_runs import REPO, TINY, cli_args, step_records, subprocess_env, train_command

@@ -4,7 +4,8 @@ import math
 import numpy as np
 import pytest
 
-from pretrain.schedules import cosine_schedule, scaled_lr
+from common.scaling import scaled_lr
+from pretrain.schedules import cosine_schedule
 
 
 def test_lr_schedule_warmup_then_cosine():

@@ -15,7 +15,7 @@ import pytest
 
 submitit = pytest.importorskip("submitit")
 
-from data.errors import run_cli  # noqa: E402
+from common.errors import run_cli  # noqa: E402
 from pretrain import slurm  # noqa: E402
 from pretrain.checkpoint import safe_load  # noqa: E402
 from pretrain.distributed import init_distributed  # noqa: E402

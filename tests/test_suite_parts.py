@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from data import suite, suite_copydays, suite_retrieval, suite_scenes, suite_segmentation, suite_video
-from data.errors import run_cli
+from common.errors import run_cli
 from data.suite_scenes import LABEL_PALETTE, SceneObject, SUPERSAMPLING
 
 REPO = Path(__file__).resolve().parents[1]

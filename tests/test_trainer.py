@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from data.errors import UserError, run_cli
+from common.errors import UserError, run_cli
 from pretrain import load_backbone
 from pretrain.checkpoint import safe_load, strip_prefixes
 from pretrain.distributed import DistInfo

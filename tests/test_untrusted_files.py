@@ -16,7 +16,7 @@ Loaders covered (the project has no ``np.load(allow_pickle=True)``, no ``pickle.
 * every command that takes ``--ckpt`` / ``--random-like``: evaluate.knn, linear, retrieval,
   copy_detection, video_segmentation, attention_masks, eval_all; analysis.attention, embeddings,
   neighbours, report (in process through ``run_cli``, and ``python -m evaluate.knn`` as a real process);
-* ``data.safe_pickle.safe_load`` / ``safe_loads``, and through them the revisitop ground truth
+* ``data.safe_pickle.load_pickle_file`` / ``safe_loads``, and through them the revisitop ground truth
   (``data.revisitop.load_ground_truth``, ``RevisitopDataset``, ``python -m evaluate.retrieval``).
 
 Also here: forged numpy scalars and dtypes, which ``safe_load`` resolves to checked stand-ins.
@@ -38,11 +38,11 @@ import pytest
 import torch
 
 from data import safe_pickle
-from data.errors import UserError, run_cli
+from common.errors import UserError, run_cli
 from data.revisitop import RevisitopDataset, load_ground_truth
 from evaluate.features import FeatureExtractor, FeatureSpec
 from pretrain import load_backbone
-from pretrain.augment import eval_transform
+from common.transforms import eval_transform
 from pretrain.checkpoint import load_backbone_with_args, safe_load
 from pretrain.checkpoint_files import load_training_checkpoint
 
@@ -275,7 +275,7 @@ def evil_gnd(folder: Path, kind: str, protocol: int) -> tuple[Path, Path]:
 @pytest.mark.parametrize("kind", PAYLOADS)
 def test_ground_truth_readers_refuse(tmp_path, kind, protocol):
     path, marker = evil_gnd(tmp_path, kind, protocol)
-    for read in (lambda: safe_pickle.safe_load(path), lambda: safe_pickle.safe_loads(path.read_bytes(), str(path)),
+    for read in (lambda: safe_pickle.load_pickle_file(path), lambda: safe_pickle.safe_loads(path.read_bytes(), str(path)),
                  lambda: load_ground_truth(path), lambda: RevisitopDataset(tmp_path, "roxford5k")):
         with pytest.raises(UserError, match="refusing to unpickle") as error:
             read()

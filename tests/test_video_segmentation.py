@@ -10,7 +10,7 @@ import torch
 
 import evaluate.video_segmentation as video
 from data.davis import davis_palette
-from data.errors import run_cli
+from common.errors import run_cli
 from data.index_masks import read_index_mask, write_index_mask
 from evaluate.label_propagation import (ContextQueue, full_fp32_matmuls, min_max_normalise_channels,
                                         one_hot_patch_labels, propagate_labels)
