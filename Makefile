@@ -42,7 +42,7 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@$(PYTHON) -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml','rb'))['project']['dependencies']))" > $(VENV)/requirements.txt
+	@$(PYTHON) -c "import tomllib; p = tomllib.load(open('pyproject.toml','rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['test']))" > $(VENV)/requirements.txt
 	$(PY) -m pip install --disable-pip-version-check -q -r $(VENV)/requirements.txt
 	@touch $(STAMP)
 
@@ -54,7 +54,9 @@ demo: $(STAMP)
 	@$(PY) -m evaluate.demo; rc=$$?; \
 	$(PY) -m analysis.report --ckpt runs/demo/checkpoint.pth --data-root data/suite || rc=$$?; exit $$rc
 
+# the linter first (ruff, configured in pyproject.toml), then the tests
 test: $(STAMP)
+	@$(PY) -m ruff check --quiet . || { echo "ruff found the problems above: fix them (many: $(PY) -m ruff check --fix .)" >&2; exit 1; }
 	@$(PY) -m pytest tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 
 PRETRAIN_ARGS = --preset $(PRESET) --data "$(DATA)" --output-dir "$(OUT)" --seed $(SEED) \

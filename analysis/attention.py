@@ -28,13 +28,14 @@ import textwrap
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from analysis.figures import FigureFile, FigureSet, overlay, plt, print_outcome, save_figure, to_uint8
 from common.errors import UserError, run_cli
+from common.progress import progress_bar
 from data.imagefolder import IMAGE_EXTENSIONS, images_directly_in, load_rgb
 from evaluate.attention_masks import RESIZE_MODES, AttentionMaps, attention_maps
-from evaluate.features import add_model_source_arguments, default_device, model_from_args
+from evaluate.features import default_device
+from evaluate.model_source import add_device_argument, add_model_arguments, load_model
 
 HEADS_PER_ROW = 6  # ViT-S/8, the paper's figure, has 6 heads: one row each for heatmaps and masks
 TILE_INCHES = 2.0
@@ -135,7 +136,7 @@ def attention_figures(model: torch.nn.Module, images, out_dir, image_size: int =
     files, problems = image_files(images)
     model = model.float().eval().to(device or default_device())
     figures, taken = [], set()
-    for path in tqdm(files, desc="attention figures", unit="img", disable=not progress):
+    for path in progress_bar(files, desc="attention figures", unit="img", disable=not progress):
         try:
             image = load_rgb(path)
         except UserError as error:
@@ -170,13 +171,13 @@ def main(argv=None) -> int:
     parser.add_argument("--resize", choices=RESIZE_MODES, default="square",
                         help="square: exactly image-size x image-size (default); short-side: aspect kept")
     parser.add_argument("--mass", type=float, default=0.6, help="attention mass each head's mask keeps (default 0.6)")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    add_device_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_model_source_arguments(parser)
+    add_model_arguments(parser)
     args = parser.parse_args(argv)
-    model, _, name = model_from_args(args)
-    out_dir = Path(args.out or Path("results") / name / "attention")
-    result = attention_figures(model, args.images, out_dir, args.image_size, args.resize, args.mass,
+    source = load_model(args)
+    out_dir = Path(args.out or source.results_dir("attention"))
+    result = attention_figures(source.model, args.images, out_dir, args.image_size, args.resize, args.mass,
                                args.device, progress=not args.no_progress)
     return print_outcome(result)
 

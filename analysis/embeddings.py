@@ -2,7 +2,7 @@
 
     python -m analysis.embeddings --ckpt runs/demo/checkpoint.pth --data data/suite/classification
 
-Features are the k-NN evaluator's (`evaluate.knn`, PROTOCOLS B1): the backbone's final-normed [CLS]
+Features are the k-NN evaluator's (`evaluate.knn`, docs/protocols.md, "k-NN"): the backbone's final-normed [CLS]
 embedding f (D,) of the Resize(s * 256 / 224, bicubic) + CenterCrop(s) view, L2-normalised,
 f <- f / ||f||_2. The crop s is the k-NN crop of `evaluate.eval_plan` unless one is given: 224 on
 real data; on the embedded suite the checkpoint's global crop (the CLI reads it from the checkpoint),
@@ -40,12 +40,12 @@ from threadpoolctl import threadpool_limits
 
 from common.atomic import atomic_write_text
 from common.errors import UserError, run_cli
+from common.knn import exact_neighbours
 from data.imagefolder import ImageFolder
 from evaluate.eval_plan import EvalOptions, ModelInfo, plan_classification, read_suite
-from evaluate.features import (FeatureExtractor, as_extractor, FeatureSpec, ImageList, add_model_arguments,
-                               extractor_from_args, source_run_name)
-from evaluate.knn import knn_datasets, trained_crop_size
-from common.knn import exact_neighbours
+from evaluate.features import FeatureExtractor, FeatureSpec, ImageList, as_extractor
+from evaluate.knn import knn_datasets
+from evaluate.model_source import add_evaluator_arguments, feature_extractor, load_model
 
 from .figures import FigureFile, FigureSet, plt, print_outcome, save_figure, tile_grid, to_uint8, with_border
 
@@ -232,7 +232,7 @@ def embedding_figures(model, classification_root, out_dir, crop_size: int | None
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="t-SNE of features coloured by class, and k-NN neighbour grids")
-    add_model_arguments(parser)
+    add_evaluator_arguments(parser)
     parser.add_argument("--data", required=True, help="folder with train/<class>/... and val/<class>/...")
     parser.add_argument("--out", default=None, help="figure folder (default results/<run>/embeddings)")
     parser.add_argument("--max-points", type=int, default=2000, help="val points in the t-SNE (stratified sample)")
@@ -241,10 +241,10 @@ def main(argv=None) -> int:
     parser.add_argument("--crop-size", type=int, default=None,
                         help="centre-crop side (default: the k-NN evaluator's, see evaluate.eval_plan)")
     args = parser.parse_args(argv)
-    extractor, train_args = extractor_from_args(args)
-    crop = args.crop_size or knn_crop_size(args.data, trained_crop_size(train_args))
-    out = args.out or Path("results") / source_run_name(args) / ("embeddings-random-init" if args.random_like
-                                                                  else "embeddings")
+    source = load_model(args)
+    extractor = feature_extractor(source, args)
+    crop = args.crop_size or knn_crop_size(args.data, source.crop_size)
+    out = args.out or source.results_dir("embeddings")
     result = embedding_figures(extractor, args.data, out, crop, max_points=args.max_points,
                                queries=args.queries, k=args.k, seed=args.seed)
     if args.json:

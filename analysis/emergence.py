@@ -3,7 +3,7 @@
 For a checkpoint ``ckpt`` whose model the report shows (``subject``: its
 teacher, or its student when it has no teacher), the models compared are
 
-* ``random init``: the run's random twin, ``load_subject(None, random_like=ckpt, seed=seed)`` as eval-all
+* ``random init``: the run's random twin, ``load_model_source(random_like=ckpt, seed=seed)`` as eval-all
   draws it (the same architecture, the seeded initialisation; the student's own starting weights). Only
   for a training checkpoint of ours (it records its training args): a released backbone has none;
 * ``DINO (teacher)`` (or ``DINO (student)``): the model itself;
@@ -19,35 +19,35 @@ import html
 
 from common.errors import UserError
 from evaluate.emergence import RANDOM_TWIN, ROWS, STUDENT, TEACHER, format_value
-from evaluate.eval_all import Subject, load_subject
+from evaluate.model_source import ModelSource, load_model_source
 
 
-def random_twin(subject: Subject | None, ckpt: str, seed: int = 0) -> Subject | None:
+def random_twin(subject: ModelSource | None, ckpt: str, seed: int = 0) -> ModelSource | None:
     """The run's random twin for a training checkpoint of ours; None for any other model."""
     if subject is None or subject.random or not subject.train_args:
         return None
-    return load_subject(None, key=subject.key, random_like=ckpt, seed=seed)
+    return load_model_source(key=subject.key, random_like=ckpt, seed=seed)
 
 
-def trained_student(subject: Subject | None, ckpt: str, seed: int = 0) -> Subject | None:
+def trained_student(subject: ModelSource | None, ckpt: str, seed: int = 0) -> ModelSource | None:
     """The checkpoint's student beside the teacher ``subject``; None when the file holds no other student."""
     if subject is None or subject.random or subject.key != "teacher":
         return None
     try:
-        student = load_subject(ckpt, key="student", seed=seed)
+        student = load_model_source(ckpt, key="student", seed=seed)
     except UserError:
         return None
     return student if student.weights != subject.weights else None
 
 
-def trained_label(subject: Subject) -> str:
+def trained_label(subject: ModelSource) -> str:
     """The model's column: random init, DINO (teacher) or DINO (student)."""
     if subject.random:
         return RANDOM_TWIN
     return TEACHER if subject.key == "teacher" else STUDENT
 
 
-def compared_models(subject: Subject, ckpt: str, seed: int = 0) -> dict[str, Subject]:
+def compared_models(subject: ModelSource, ckpt: str, seed: int = 0) -> dict[str, ModelSource]:
     """{column: model}, in order: the random twin (when there is one), the model, the student (when there is one)."""
     models = {}
     twin = random_twin(subject, ckpt, seed)

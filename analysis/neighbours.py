@@ -40,20 +40,19 @@ import PIL.ImageDraw
 import torch
 import torch.nn.functional as F
 
-from data.copydays import STRONG_BLOCK, Copydays
 from common.errors import UserError, one_line_message, run_cli
+from data.copydays import STRONG_BLOCK, Copydays
 from data.imagefolder import load_rgb
 from data.revisitop import RevisitopDataset
 from evaluate.copy_detection import copy_detection_descriptors
 from evaluate.eval_plan import EvalOptions, ModelInfo, plan, plan_copy_detection, plan_retrieval, read_suite
-from evaluate.features import (FeatureExtractor, as_extractor, add_model_arguments, extractor_from_args,
-                               source_run_name)
+from evaluate.features import FeatureExtractor, as_extractor
 from evaluate.metrics import RETRIEVAL_PROTOCOLS, protocol_sets
+from evaluate.model_source import add_evaluator_arguments, feature_extractor, load_model
 from evaluate.retrieval import dataset_features, rank_database
 from pretrain.backbones import describe
 
 from .figures import FigureFile, FigureSet, fit_square, print_outcome, save_figure, tile_grid, to_uint8, with_border
-
 
 TILE_SIDE = 128
 BOX_COLOUR = (255, 215, 0)
@@ -296,14 +295,14 @@ def main(argv=None) -> int:
     parser.add_argument("--protocol", choices=RETRIEVAL_PROTOCOLS, default="medium")
     parser.add_argument("--copy-queries", type=int, default=4, help="Copydays strong queries")
     parser.add_argument("--copy-k", type=int, default=5, help="Copydays neighbours per query")
-    add_model_arguments(parser, batch_size=16)
+    add_evaluator_arguments(parser, batch_size=16)
     parser.set_defaults(num_workers=0)  # a few hundred small images: worker start-up costs more than it saves
     args = parser.parse_args(argv)
     if min(args.queries, args.k, args.copy_queries, args.copy_k) < 1:
         raise UserError("--queries, --k, --copy-queries and --copy-k must be at least 1")
-    extractor, _ = extractor_from_args(args)
-    out = args.out or (Path("results") / source_run_name(args) / ("figures-random-init" if args.random_like
-                                                                   else "figures"))
+    source = load_model(args)
+    extractor = feature_extractor(source, args)
+    out = args.out or source.results_dir("figures")
     result = neighbour_figures(extractor, args.data_root, out, args.queries, args.k, args.protocol,
                                args.copy_queries, args.copy_k)
     return print_outcome(result)

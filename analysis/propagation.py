@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 
-from data.davis import Davis, davis_palette
 from common.errors import UserError, one_line_message, run_cli
+from data.davis import Davis, davis_palette
 from data.index_masks import object_labels, read_index_mask
 from evaluate.metrics import score_sequence
 

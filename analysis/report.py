@@ -17,8 +17,12 @@ images), t-SNE and k-NN neighbours
 (`analysis.neighbours`), DAVIS propagation (`analysis.propagation`, from
 eval-all's predictions). The PNGs are written to ``<out>/figures/`` and
 embedded in the page as data URIs, so the HTML file alone is the report.
-The random twin (`evaluate.eval_all.load_subject` with ``random_like``,
-seeded as eval-all's) exists for training checkpoints of ours (they record
+The model flags are every evaluator's (`evaluate.model_source`): ``--ckpt``
+(or ``random`` with ``--arch``/``--patch``), ``--key`` (default teacher: the
+student, with a warning, when the checkpoint has no teacher), ``--seed``;
+``--random-like`` is refused, as the page already shows the random twin beside
+its model. The random twin (`evaluate.model_source.load_model_source` with
+``random_like``, seeded as eval-all's) exists for training checkpoints of ours (they record
 their training args); for other checkpoints (released backbones) it is left
 out without a warning.
 
@@ -50,9 +54,16 @@ from common.atomic import atomic_write_text
 from common.errors import UserError, one_line_message, run_cli
 from evaluate import results_table as rt
 from evaluate.emergence import RANDOM_TWIN
-from evaluate.eval_all import Subject, load_subject
 from evaluate.eval_plan import find_part, plan
-from evaluate.features import FeatureExtractor, default_device, run_name
+from evaluate.features import FeatureExtractor, default_device
+from evaluate.model_source import (
+    RANDOM,
+    ModelSource,
+    add_device_argument,
+    add_model_arguments,
+    load_model_source,
+    run_name,
+)
 
 from . import curves
 from .emergence import compared_models, diagnoses_html, random_twin, trained_label
@@ -90,7 +101,7 @@ class ReportInputs:
     out: Path
     data_root: Path | None
     run_dir: Path | None
-    subject: Subject | None
+    subject: ModelSource | None
     images: list[Path]
     device: torch.device
     seed: int = 0
@@ -106,7 +117,8 @@ def figure_html(figure: FigureFile) -> str:
 
 
 def key_value_table(values: dict) -> str:
-    rows = "".join(f'<tr><td class="text">{html.escape(str(key))}</td><td class="text">{html.escape(str(value))}</td></tr>'
+    rows = "".join(f'<tr><td class="text">{html.escape(str(key))}</td>'
+                   f'<td class="text">{html.escape(str(value))}</td></tr>'
                    for key, value in values.items())
     return f"<table><tr><th>setting</th><th>value</th></tr>{rows}</table>"
 
@@ -214,7 +226,7 @@ def needs(inputs: ReportInputs, part: str | None = None) -> Path | None:
     return folder
 
 
-def extractor(inputs: ReportInputs, subject: Subject | None = None) -> FeatureExtractor:
+def extractor(inputs: ReportInputs, subject: ModelSource | None = None) -> FeatureExtractor:
     """The model (or ``subject``'s) with eval-all's feature cache (``<out>/features``): features eval-all
     extracted are reused."""
     return FeatureExtractor((subject or inputs.subject).model, inputs.device, num_workers=0,
@@ -244,7 +256,7 @@ def attention_section(inputs: ReportInputs) -> Section:
     images = inputs.images or default_attention_images(inputs)
     size = planned(inputs, "voc").get("image_size", 480) if inputs.data_root else 480
 
-    def draw(subject: Subject, name: str = "") -> FigureSet:
+    def draw(subject: ModelSource, name: str = "") -> FigureSet:
         return attention_figures(subject.model, images, inputs.out / "figures", image_size=size,
                                  device=inputs.device, progress=False, model_name=name)
 
@@ -334,26 +346,29 @@ def render(inputs: ReportInputs, sections: list[Section], seconds: float) -> str
             f"{html.escape(inputs.out.name)}</title><style>{STYLE}</style></head><body>{''.join(body)}</body></html>\n")
 
 
-def load_model(ckpt: str, arch, patch, seed: int) -> tuple[Subject | None, list[str]]:
-    """The checkpoint's teacher; its student (with a warning) when it has no teacher; None when neither loads."""
+def load_reported_model(ckpt: str, arch=None, patch=None, seed: int = 0,
+                        key: str = "teacher") -> tuple[ModelSource | None, list[str]]:
+    """The checkpoint's ``key`` entry (`load_model_source`); for the teacher, the student (with a warning)
+    when it has no teacher; None (and why) when the model does not load."""
     try:
-        return load_subject(ckpt, arch, patch, seed=seed), []
+        return load_model_source(ckpt, arch, patch, key, seed=seed), []
     except UserError as error:
-        if "no 'teacher' entry" not in str(error):
-            return None, [f"the checkpoint does not load ({one_line_message(error)}): figures that need the model are skipped"]
+        if key != "teacher" or "no 'teacher' entry" not in str(error):
+            return None, [f"the checkpoint does not load ({one_line_message(error)}): "
+                          "figures that need the model are skipped"]
     try:
-        subject = load_subject(ckpt, arch, patch, key="student", seed=seed)
+        subject = load_model_source(ckpt, arch, patch, key="student", seed=seed)
         return subject, ["the checkpoint has no teacher: the figures use its student"]
     except UserError as error:
         return None, [f"the checkpoint has no usable teacher or student ({one_line_message(error)})"]
 
 
 def build_report(ckpt: str, out=None, data_root="data/suite", images=(), run_dir=None, arch=None, patch=None,
-                 device=None, seed: int = 0) -> tuple[Path, list[Section]]:
+                 device=None, seed: int = 0, key: str = "teacher") -> tuple[Path, list[Section]]:
     """Write ``<out>/report.html``; returns its path and the sections (with their warnings)."""
     started = time.perf_counter()
-    subject, load_warnings = load_model(ckpt, arch, patch, seed)
-    run_dir = Path(run_dir) if run_dir else (Path(ckpt).parent if ckpt != "random" else None)
+    subject, load_warnings = load_reported_model(ckpt, arch, patch, seed, key)
+    run_dir = Path(run_dir) if run_dir else (Path(ckpt).parent if ckpt != RANDOM else None)
     if subject is None and not (run_dir and (run_dir / "log.jsonl").is_file()):
         raise UserError(f"nothing to report for '{ckpt}': {load_warnings[0]}, and there is no log.jsonl beside it")
     out = Path(out) if out else Path("results") / (subject.run if subject else run_name(ckpt, arch, patch))
@@ -365,10 +380,11 @@ def build_report(ckpt: str, out=None, data_root="data/suite", images=(), run_dir
     return atomic_write_text(out / "report.html", page), sections
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m analysis.report",
-                                     description="HTML report of a run: config, curves, eval-all tables, figures")
-    parser.add_argument("--ckpt", required=True, help="checkpoint (its folder's log.jsonl gives the curves)")
+                                     description="HTML report of a run: config, curves, eval-all tables, figures "
+                                                 "(--ckpt's folder's log.jsonl gives the curves)")
+    add_model_arguments(parser)
     parser.add_argument("--out", default=None, help="folder of eval-all's tables and of the report "
                                                     "(default results/<run>)")
     parser.add_argument("--data-root", default="data/suite", help="evaluation data (default data/suite)")
@@ -376,13 +392,19 @@ def main(argv=None) -> int:
                                                                 "(default: a few of the data root's VOC images)")
     parser.add_argument("--run-dir", default=None, help="folder with log.jsonl and config.json (default: the "
                                                         "checkpoint's)")
-    parser.add_argument("--arch", default=None)
-    parser.add_argument("--patch", type=int, default=None)
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    path, sections = build_report(args.ckpt, args.out, args.data_root, args.images, args.run_dir, args.arch,
-                                  args.patch, args.device, args.seed)
+    add_device_argument(parser)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.random_like:
+        raise UserError("the report shows the random twin beside its model already: pass --ckpt "
+                        f"{args.random_like} instead of --random-like")
+    if args.ckpt is None and args.arch is None:
+        raise UserError("no model given: pass --ckpt <checkpoint> (or --ckpt random with --arch and --patch)")
+    path, sections = build_report(args.ckpt or RANDOM, args.out, args.data_root, args.images, args.run_dir,
+                                  args.arch, args.patch, args.device, args.seed, args.key)
     for section in sections:
         for warning in section.warnings:
             print(f"warning: {section.title}: {warning}")

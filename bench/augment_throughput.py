@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 
 from data.imagefolder import ImageFolder, load_rgb
-from data.suite import render_object_image
+from data.suite_classification import render_object_image
 from pretrain.augment import DecodedCropDataset, MultiCropAugmentation, collate_decoded, sample_rng
 from pretrain.batch_augment import BatchMultiCrop
 from pretrain.config import resolve

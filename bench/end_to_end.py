@@ -43,12 +43,12 @@ import numpy as np
 import torch
 
 from bench.augment_throughput import photo_like
-from data.suite import render_object_image
 from bench.train_throughput import flat_schedules, official_choices, synchronize, variant_precision
 from bench.variant_process import add_model_arguments, bench_main, result_of
+from data.suite_classification import render_object_image
 from pretrain.config import resolve
-from pretrain.presets import PRESETS
 from pretrain.distributed import DistInfo
+from pretrain.presets import PRESETS
 from pretrain.trainer import Trainer, peak_memory_gb
 
 VARIANTS = ("baseline", "ours", "ours-device")
@@ -108,7 +108,7 @@ def run_variant(variant: str, args: argparse.Namespace, device: torch.device) ->
             batches = iter(loader)
 
             def step(crops, it: int) -> None:
-                loss = trainer.train_step(crops, epoch=1, it=it)
+                loss = trainer.train_step(crops, epoch=1, it=it).loss
                 if variant == "baseline":
                     loss.item()  # the official loop checks math.isfinite(loss.item()) every step
             for it in range(args.warmup):

@@ -21,10 +21,10 @@ import time
 import torch
 import torch.nn.functional as F
 
+from common.knn import exact_neighbours
 from evaluate.features import FeatureExtractor, FeatureSpec
 from evaluate.knn import faiss_neighbours
 from pretrain import build_backbone
-from common.knn import exact_neighbours
 
 
 def timed(function, repeats: int = 1) -> tuple[float, object]:

@@ -252,7 +252,8 @@ def figures(record: dict) -> str:
         mfu_text = (f", MFU {100 * mfu / result['matmul_peak']:.1f} % of {result['matmul_peak'] / scale:.0f} {unit} "
                     f"({result['dtype']} matmul peak)") if mfu else ""
         compile_text = f", compile + warm-up {result['warmup_s']:.0f} s" if "compile" in name else ""
-        return (f"batch {result['batch']}: {result['images_per_s']:.0f} images/s, peak {result['peak_memory_gb']:.1f} GB"
+        return (f"batch {result['batch']}: {result['images_per_s']:.0f} images/s, "
+                f"peak {result['peak_memory_gb']:.1f} GB"
                 f"{mfu_text}{compile_text}")
     if name.startswith("end-to-end"):
         crops = result.get("crops_ms_per_batch")

@@ -42,7 +42,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from bench.augment_throughput import photo_like
 from bench.variant_process import REPO
@@ -235,7 +234,7 @@ def flags(settings: dict) -> list[str]:
 
 
 def distributed(args: argparse.Namespace) -> dict:
-    from data.suite import write_classification
+    from data.suite_classification import write_classification
     gpus = torch.cuda.device_count()
     processes = 2 if gpus >= 2 else 1
     timeout = 240.0
@@ -252,7 +251,8 @@ def distributed(args: argparse.Namespace) -> dict:
             "demo": (["--preset", "demo"], dict(data=suite, batch_size_per_gpu=8 if args.dry else 32, max_steps=4,
                                                  knn_every=0, log_every_steps=1)),
             "vit_small16": (["--preset", "paper"], dict(data=f"{tmp}/jpegs", batch_size_per_gpu=4 if args.dry else 32,
-                                                         max_steps=3, log_every_steps=1, num_workers=2, max_bad_fraction=0.2,
+                                                         max_steps=3, log_every_steps=1, num_workers=2,
+                                                         max_bad_fraction=0.2,
                                                          **vit_s16)),
         }
         for name, (preset, settings) in runs.items():
@@ -317,8 +317,9 @@ def extraction(args: argparse.Namespace) -> dict:
 
 
 def faiss_step(args: argparse.Namespace) -> dict:
-    from evaluate.knn import faiss_neighbours
     import faiss
+
+    from evaluate.knn import faiss_neighbours
     size, dim, k = (10_000, 384, 20) if args.dry else (1_000_000, 384, 20)
     queries_gpu, queries_cpu = (100, 100) if args.dry else (10_000, 1_000)
     generator = torch.Generator().manual_seed(0)

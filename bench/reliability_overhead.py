@@ -49,16 +49,16 @@ def main(argv=None) -> int:
         trainer = bench_trainer(tmp, device, args.steps + 2, **CONFIGS[args.config])
         crops = random_crops(trainer, args.batch)
         trainer.train_step(crops, epoch=1, it=0)  # warm-up; creates the AdamW moments
-        step_s = statistics.median(timed(lambda it=it: trainer.train_step(crops, 1, 1 + it).item(), device)
+        step_s = statistics.median(timed(lambda it=it: trainer.train_step(crops, 1, 1 + it).loss.item(), device)
                                    for it in range(args.steps))
-        cfg, loss_fn = trainer.cfg, trainer.loss_fn
+        cfg, loss_fn = trainer.cfg, trainer.model.loss_fn
         student = torch.randn(len(crops) * args.batch, cfg.out_dim, device=device)
         teacher = torch.randn(2 * args.batch, cfg.out_dim, device=device)
         plain, monitored = [], []
         for _ in range(args.loss_reps):
             plain.append(timed(lambda: loss_fn(student, teacher, 1).item(), device))
             monitored.append(timed(lambda: [value.item() for value in
-                                            loss_fn(student, teacher, 1, monitors=True)[1].values()], device))
+                                            loss_fn.with_monitors(student, teacher, 1)[1].values()], device))
         extra_s = statistics.median(monitored) - statistics.median(plain)
 
         state = trainer.checkpoint_state(1, 0)

@@ -67,14 +67,15 @@ from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-import pretrain.trainer as trainer_module
+import pretrain.dino as dino_module
 from bench.variant_process import add_model_arguments, bench_main, result_of
 from pretrain.backbones import VIT_SPECS
 from pretrain.config import TrainConfig, resolve
-from pretrain.presets import PRESETS
+from pretrain.dino import autocast_dtype
 from pretrain.distributed import DistInfo
 from pretrain.head import WeightNormLinear
-from pretrain.trainer import Trainer, autocast_dtype, peak_memory_gb
+from pretrain.presets import PRESETS
+from pretrain.trainer import Trainer, peak_memory_gb
 
 VARIANTS = ("baseline", "ours")
 # what one process can run (`--run-variant`): the two compared rows, and ours under torch.compile (`make gpu-check`)
@@ -116,9 +117,9 @@ def bench_trainer(tmp: str, device: torch.device, schedule_length: int, preset: 
 def flat_schedules(trainer: Trainer, length: int) -> Trainer:
     """``trainer`` with its schedules flat over ``length`` steps at values of a real run (lr 5e-4, weight
     decay 0.04, teacher momentum 0.996): the weights stay in a normal range however many steps a bench takes."""
-    trainer.lr_schedule = [5e-4] * length
-    trainer.wd_schedule = [0.04] * length
-    trainer.momentum_schedule = [0.996] * length
+    trainer.model.lr_schedule = [5e-4] * length
+    trainer.model.wd_schedule = [0.04] * length
+    trainer.model.momentum_schedule = [0.996] * length
     return trainer
 
 
@@ -162,7 +163,8 @@ def weight_side_forward(layer: WeightNormLinear, x: torch.Tensor) -> torch.Tenso
 
 @contextlib.contextmanager
 def weight_side_weight_norm(*models: torch.nn.Module):
-    """The heads' last layers computed the official way (`weight_side_forward`) instead of ours (scale on the output)."""
+    """The heads' last layers computed the official way (`weight_side_forward`) instead of ours (scale on the
+    output)."""
     layers = [m for model in models for m in model.modules() if isinstance(m, WeightNormLinear)]
     for layer in layers:
         layer.forward = weight_side_forward.__get__(layer)
@@ -209,17 +211,18 @@ def official_choices(trainer: Trainer):
     loops. The precision is chosen when the trainer is built
     (`variant_precision`).
     """
-    groups = trainer.optimizer.param_groups
+    groups = trainer.model.optimizer.param_groups
     before = [(group.get("foreach"), group.get("fused")) for group in groups]
-    ema_before, clip_before = trainer_module.ema_update, trainer_module.clip_gradients_per_parameter
-    with explicit_attention(trainer.student, trainer.teacher), weight_side_weight_norm(trainer.student, trainer.teacher):
+    ema_before, clip_before = dino_module.ema_update, dino_module.clip_gradients_per_parameter
+    with explicit_attention(trainer.model.student, trainer.model.teacher), \
+            weight_side_weight_norm(trainer.model.student, trainer.model.teacher):
         for group in groups:
             group["foreach"], group["fused"] = False, False
-        trainer_module.ema_update, trainer_module.clip_gradients_per_parameter = ema_per_parameter, clip_per_parameter
+        dino_module.ema_update, dino_module.clip_gradients_per_parameter = ema_per_parameter, clip_per_parameter
         try:
             yield trainer
         finally:
-            trainer_module.ema_update, trainer_module.clip_gradients_per_parameter = ema_before, clip_before
+            dino_module.ema_update, dino_module.clip_gradients_per_parameter = ema_before, clip_before
             for group, (foreach, fused) in zip(groups, before):
                 group["foreach"], group["fused"] = foreach, fused
 
@@ -265,7 +268,7 @@ def count_step_flops(trainer: Trainer, crops: list[torch.Tensor], it: int = 0,
     """FLOPs of one whole train step (it changes the weights like any step), counted on the
     explicit-attention path so that each attention matmul is counted once as the model's work;
     with ``shapes``, its matmuls are also recorded there (`matmul_shapes_rate`)."""
-    with explicit_attention(trainer.student, trainer.teacher), FlopCounterMode(display=False) as counter, \
+    with explicit_attention(trainer.model.student, trainer.model.teacher), FlopCounterMode(display=False) as counter, \
             (shapes if shapes is not None else contextlib.nullcontext()):
         trainer.train_step(crops, epoch=1, it=it)
     return counter.get_total_flops()
@@ -373,11 +376,11 @@ def run_variant(variant: str, args: argparse.Namespace, device: torch.device, co
         with variant_context(trainer, variant):
             def step(it: int) -> None:
                 nonlocal skipped
-                scale = trainer.scaler.get_scale() if trainer.scaler is not None else None
-                loss = trainer.train_step(crops, epoch=1, it=it)
+                scale = trainer.model.scaler.get_scale() if trainer.model.scaler is not None else None
+                loss = trainer.train_step(crops, epoch=1, it=it).loss
                 if variant == "baseline":
                     loss.item()  # the official loop checks math.isfinite(loss.item()) every step
-                if scale is not None and trainer.scaler.get_scale() < scale:
+                if scale is not None and trainer.model.scaler.get_scale() < scale:
                     skipped += 1  # GradScaler found inf/NaN gradients and skipped the optimizer step
             warmup_start = time.perf_counter()
             for it in range(1, 1 + args.warmup):
@@ -497,7 +500,8 @@ def compare(args: argparse.Namespace, argv: list[str]) -> None:
           "it leaves out what those shapes lose to the large matmul)")
     if not on_cuda:
         print("cpu: both rows fp32; they differ in attention (explicit vs SDPA), AdamW (per-parameter loop vs "
-              "fused), the clipping / EMA loops and host reads; the precision gap (fp16 + scaler vs bf16) shows on a GPU")
+              "fused), the clipping / EMA loops and host reads; "
+              "the precision gap (fp16 + scaler vs bf16) shows on a GPU")
     for row in rows:
         if row["skipped_steps"]:
             print(f"note: GradScaler skipped {row['skipped_steps']} of the {row['variant']} timed steps (inf grads)")

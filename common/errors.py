@@ -1,6 +1,6 @@
 """Errors a user can cause, and the wrapper that turns them into one clean line.
 
-Design rule (DESIGN.md, "Conventions"): a missing path, a wrong layout, a
+Design rule (docs/design.md, "User errors"): a missing path, a wrong layout, a
 corrupt image or a bad checkpoint ends in one line naming the thing and what
 to do, a non-zero exit and no traceback wall. Library code raises
 `UserError`; entry points do `raise SystemExit(run_cli(main))`, so the

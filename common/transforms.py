@@ -8,7 +8,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def eval_transform(image_size: int = 224) -> T.Compose:
-    """The evaluation view (PROTOCOLS B1): Resize(image_size * 256/224, bicubic)
+    """The evaluation view (docs/protocols.md, "k-NN"): Resize(image_size * 256/224, bicubic)
     -> CenterCrop(image_size) -> tensor -> ImageNet normalisation."""
     return T.Compose([
         T.Resize(round(image_size * 256 / 224), interpolation=T.InterpolationMode.BICUBIC),

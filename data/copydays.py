@@ -1,4 +1,4 @@
-"""Reader for the Copydays copy-detection layout (PROTOCOLS.md B4 and D).
+"""Reader for the Copydays copy-detection layout (docs/protocols.md, "Copy detection" and "Dataset layouts").
 
 Layout, each block a folder of ``*.jpg`` files taken in filename order::
 

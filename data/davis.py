@@ -1,4 +1,5 @@
-"""Reader for DAVIS-2017 video object segmentation (PROTOCOLS.md B5 and D).
+"""Reader for DAVIS-2017 video object segmentation (docs/protocols.md, "DAVIS video segmentation" and
+"Dataset layouts").
 
 Layout (the trainval 480p archive)::
 
@@ -24,8 +25,7 @@ import numpy as np
 
 from common.errors import UserError
 from data.imagefolder import _check_directory, load_rgb
-from data.index_masks import (check_mask_matches_image, label_colormap, object_labels, read_index_mask,
-                              write_index_mask)
+from data.index_masks import check_mask_matches_image, label_colormap, object_labels, read_index_mask, write_index_mask
 from data.split_files import read_split_file
 
 __all__ = ["Davis", "davis_palette", "read_index_mask", "write_index_mask"]

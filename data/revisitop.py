@@ -1,6 +1,6 @@
 """Reader for revisited Oxford / Paris (revisitop): ``root/<dataset>/gnd_<dataset>.pkl`` + ``jpg/<name>.jpg``.
 
-Layout (PROTOCOLS.md D; pass the folder holding ``roxford5k/`` and
+Layout (docs/protocols.md, "Dataset layouts"; pass the folder holding ``roxford5k/`` and
 ``rparis6k/`` -- revisitop's ``data/datasets`` -- as ``root``)::
 
     root/roxford5k/gnd_roxford5k.pkl      ground truth
@@ -13,7 +13,7 @@ pixels, zero-based, and ``easy`` / ``hard`` / ``junk`` = lists of indices into
 ``imlist``). It is read with `data.safe_pickle` and validated here, so a wrong
 file fails at load time with the key and query at fault.
 
-Query boxes (PROTOCOLS.md B3): the revisitop protocol crops every query to its
+Query boxes (docs/protocols.md, "Image retrieval"): the revisitop protocol crops every query to its
 ``bbx`` before anything else; DINO's evaluation does not. Both are supported
 (``crop_queries``); the crop follows revisitop's Python example, which calls
 ``PIL.Image.crop(bbx)``: PIL rounds each coordinate to the nearest integer

@@ -20,7 +20,10 @@ A copy is found by what the original shows (its objects and their layout),
 not by its colours or pixels, which the attacks change: what DINO's
 invariances should give.
 
-Layout (Copydays, names as in the real set): an original is ``BBBB00.jpg``
+Layout (Copydays), under ``<root>/copydays/``: flat folders of JPEGs
+``original/``, ``strong/``, ``jpegqual/<q>/``, ``crops/<c>/``,
+``distractors/`` and ``whitening/``, and ``SUITE.json`` (the part's
+parameters). Names as in the real set: an original is ``BBBB00.jpg``
 with BBBB = 2000 + its index (the block id, the first 4 characters), its
 strong copies are ``BBBB01.jpg``, ``BBBB02.jpg``, and its ``jpegqual/<q>/`` and
 ``crops/<c>/`` versions keep the original's name, so every block sorts in the
@@ -35,9 +38,15 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
 from tqdm import tqdm
 
-from data.suite import _write_atomically, check_integer
-from data.suite_scenes import (SCENES_VERSION, canvas_size, make_folders, part_rng, place_objects,
-                               render_random_scene, render_scene, save_jpeg, scene_canvas)
+from data.suite_common import check_integer, make_folders, part_rng, save_jpeg, write_part_atomically
+from data.suite_scenes import (
+    SCENES_VERSION,
+    canvas_size,
+    place_objects,
+    render_random_scene,
+    render_scene,
+    scene_canvas,
+)
 from data.suite_shapes import CLASS_NAMES
 
 JPEG_QUALITIES = (3, 5, 8, 10, 15, 20, 30, 50, 75)
@@ -208,7 +217,7 @@ def write_copydays(root, n_originals=40, n_distractors=150, n_whitening=400, see
                     save_jpeg(render_photo(p["seed"], role, index), os.path.join(target, f"{prefix}_{index:06d}.jpg"))
                     bar.update()
 
-    return _write_atomically(root, "copydays", p, fill_folder, force)
+    return write_part_atomically(root, "copydays", p, fill_folder, force)
 
 
 def describe(parameters: dict) -> str:

@@ -27,8 +27,9 @@ the label is always the measured one. Each landmark has
 changes), not in the database, whose `bbx` is the exact box around the
 landmark's visible objects (for the protocol variant that crops queries).
 
-Layout (revisitop): ``retrieval/rsynth/jpg/<name>.jpg`` (database and query
-images) and ``retrieval/rsynth/gnd_rsynth.pkl``: a plain dict with ``imlist``
+Layout (revisitop), under ``<root>/retrieval/``: ``rsynth/jpg/<name>.jpg``
+(database and query images), ``SUITE.json`` (the part's parameters) and
+``rsynth/gnd_rsynth.pkl``: a plain dict with ``imlist``
 and ``qimlist`` (names without extension) and ``gnd``, one dict per query
 with ``bbx`` [x1, y1, x2, y2] floats and ``easy``, ``hard``, ``junk`` index
 lists into imlist. Names mimic Oxford's: ``<landmark>_<6 digits>`` for
@@ -43,10 +44,17 @@ from dataclasses import dataclass, replace
 import numpy as np
 from tqdm import tqdm
 
-from data.suite import _write_atomically, check_integer
-from data.suite_scenes import (SCENES_VERSION, SceneObject, canvas_size, make_folders, part_rng,
-                               place_objects, render_random_scene, render_scene, sample_background_pair,
-                               save_jpeg, scene_canvas)
+from data.suite_common import check_integer, make_folders, part_rng, save_jpeg, write_part_atomically
+from data.suite_scenes import (
+    SCENES_VERSION,
+    SceneObject,
+    canvas_size,
+    place_objects,
+    render_random_scene,
+    render_scene,
+    sample_background_pair,
+    scene_canvas,
+)
 from data.suite_shapes import CLASS_NAMES, TEXTURE_PERIOD, luminance
 
 DATASET = "rsynth"
@@ -229,7 +237,7 @@ def write_retrieval(root, n_landmarks=8, n_views_per_landmark=20, n_queries_per_
         with open(os.path.join(dataset_folder, f"gnd_{DATASET}.pkl"), "wb") as handle:
             pickle.dump({"gnd": gnd, "imlist": imlist, "qimlist": qimlist}, handle, protocol=3)
 
-    return _write_atomically(root, "retrieval", p, fill_folder, force)
+    return write_part_atomically(root, "retrieval", p, fill_folder, force)
 
 
 def describe(parameters: dict) -> str:

@@ -22,65 +22,39 @@ occlusion (`SceneRender.visible`); a pixel belongs to k when that coverage is
 at least 50% (`SceneRender.labels`). Whole areas, visible fractions and
 bounding boxes come from the same sub-pixel map.
 
-Randomness: every image of a part gets its own generator from
-`part_rng(seed, part, role, index, sub)`, independent of generation order and
-of the counts, like `data.suite.image_rng`.
+Randomness: the parts draw each image with its own generator,
+`data.suite_common.part_rng(seed, part, role, index, sub)`, independent of
+generation order and of the counts, like
+`data.suite_classification.image_rng`. (Writing the files -- JPEGs, palette
+PNGs, folders, SUITE.json -- is data/suite_common.py's job.)
 """
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from data.suite_shapes import (CLASS_NAMES, CLASS_TEXTURES, PIXEL_NOISE_STD, REQUIRED_GAP, SUPERSAMPLING,
-                               TEXTURE_PERIOD, background, draw_distractors, draw_object_mask, luminance,
-                               second_tone, texture_pattern)
+from data.suite_shapes import (
+    CLASS_NAMES,
+    CLASS_TEXTURES,
+    PIXEL_NOISE_STD,
+    REQUIRED_GAP,
+    SUPERSAMPLING,
+    TEXTURE_PERIOD,
+    background,
+    draw_distractors,
+    draw_object_mask,
+    luminance,
+    second_tone,
+    texture_pattern,
+)
 
 SCENES_VERSION = 1  # bump whenever scene rendering changes, so stale parts are regenerated
-PART_IDS = {"retrieval": 2, "copydays": 3, "davis": 4, "voc": 5}  # classification uses 0 and 1 (its splits)
-JPEG_QUALITY = 90
 REFERENCE_SIZE = 32  # the classification images' side: clutter keeps their density and stroke size
 BLOTCH_CELL_PX = REFERENCE_SIZE / 3  # the classification images draw blotches on a 3 x 3 grid
 DISTRACTORS_PER_REFERENCE_AREA = (2, 5)  # [low, high) strokes per 32 x 32 pixels, as in classification
 BACKGROUND_LUMA_SPREAD = 40  # max luminance gap between a scene's two gradient colours
 COVERAGE_THRESHOLD = 0.5  # a pixel belongs to an object when the object covers at least half of it
-
-
-def part_rng(seed: int, part: str, role: int, index: int, sub: int = 0) -> np.random.Generator:
-    """The generator of one item of a part (image, sequence, landmark...): seeded by its keys only."""
-    return np.random.default_rng([seed, PART_IDS[part], role, index, sub])
-
-
-def label_palette() -> list:
-    """The 256-colour PASCAL VOC colour map (also used by DAVIS annotations) as 768 ints for `putpalette`.
-
-    Index i gets its colour bits from i's bits, read three at a time (red,
-    green, blue) from the lowest, placed from the highest bit down: 0 black,
-    1 (128, 0, 0), 2 (0, 128, 0), ..., 255 (224, 224, 192) for void.
-    """
-    palette = []
-    for index in range(256):
-        rgb = [0, 0, 0]
-        for bit in range(8):
-            for channel in range(3):
-                rgb[channel] |= ((index >> (3 * bit + channel)) & 1) << (7 - bit)
-        palette.extend(rgb)
-    return palette
-
-
-LABEL_PALETTE = label_palette()
-
-
-def save_label_png(labels: np.ndarray, path) -> None:
-    """Write a (H, W) uint8 label map as a palette ('P') PNG with `LABEL_PALETTE`."""
-    image = Image.fromarray(np.ascontiguousarray(labels, dtype=np.uint8))
-    image.putpalette(LABEL_PALETTE)  # an 'L' image becomes 'P'
-    image.save(path, format="PNG")
-
-
-def save_jpeg(image: Image.Image, path, quality: int = JPEG_QUALITY) -> None:
-    image.save(path, format="JPEG", quality=quality)
 
 
 @dataclass(frozen=True)
@@ -263,14 +237,6 @@ def render_random_scene(rng: np.random.Generator, width: int, height: int, count
     canvas, pair = scene_canvas(rng, width, height)
     objects = place_objects(rng, width, height, int(rng.integers(*count_range)), diameter_range, pair)
     return render_scene(rng, canvas, objects)
-
-
-def make_folders(root, *relative) -> list:
-    """Create ``root/relative`` for each (parents included) and return their paths."""
-    paths = [os.path.join(root, folder) for folder in relative]
-    for path in paths:
-        os.makedirs(path, exist_ok=True)
-    return paths
 
 
 def canvas_size(rng: np.random.Generator, landscape, portrait_probability: float):

@@ -1,12 +1,13 @@
 """What the embedded suite's things look like: ten object shapes, their surface textures, colours, backgrounds.
 
-Every part of the suite (data/suite.py and the data/suite_*.py parts) draws the
-same ten object classes, so that a network pretrained on the 32-px
-classification part meets the same kind of things when it is scored on
-retrieval, copy detection, video and mask segmentation. A class is a SHAPE
-(`CLASS_NAMES`, outlines inside the unit circle) filled with its own two-tone
-TEXTURE (`CLASS_TEXTURES`); colours are drawn at random, independently of the
-class, with a luminance gap of at least `MIN_CONTRAST` to the background.
+Every part of the suite (data/suite_classification.py and the other part
+modules, data/suite_<part>.py) draws the same ten object classes, so that a
+network pretrained on the 32-px classification part meets the same kind of
+things when it is scored on retrieval, copy detection, video and mask
+segmentation. A class is a SHAPE (`CLASS_NAMES`, outlines inside the unit
+circle) filled with its own two-tone TEXTURE (`CLASS_TEXTURES`); colours are
+drawn at random, independently of the class, with a luminance gap of at least
+`MIN_CONTRAST` to the background.
 Backgrounds are a colour gradient plus smooth blotches plus small distractor
 strokes and dots. Shapes are drawn at `SUPERSAMPLING` times the output
 resolution; callers downsample, so edges are anti-aliased.

@@ -1,4 +1,4 @@
-"""Reader for PASCAL VOC 2012 segmentation (PROTOCOLS.md B6 and D).
+"""Reader for PASCAL VOC 2012 segmentation (docs/protocols.md, "VOC attention-mask Jaccard" and "Dataset layouts").
 
 Layout::
 

@@ -1,4 +1,5 @@
-"""Masks from the last block's [CLS] attention, scored on PASCAL VOC12 by Jaccard (PROTOCOLS B6, E16).
+"""Masks from the last block's [CLS] attention, scored on PASCAL VOC12 by Jaccard
+(docs/protocols.md, "VOC attention-mask Jaccard").
 
     python -m evaluate.attention_masks --ckpt runs/demo/checkpoint.pth --voc /data/VOCdevkit
     python -m evaluate.attention_masks --ckpt random --arch vit_small --patch 16 --voc /data/VOCdevkit --masks object
@@ -13,7 +14,7 @@ Per image x (3, H, W), with p the patch size and (h, w) = (H / p, W / p):
                (objects: labels other than 0 and 255; void 255 pixels left out of the IoU)
     score    = 100 * mean over images with an object of J(image)
 
-Choices the authors left open (B6), and ours: the image and its label map
+Choices the authors left open (docs/protocols.md, "VOC attention-mask Jaccard"), and ours: the image and its label map
 are resized to exactly ``--image-size`` x ``--image-size`` (480, as
 visualize_attention; bilinear for the image, nearest for the labels), or with
 ``--resize short-side`` the short side to ``--image-size`` with the aspect kept
@@ -35,14 +36,15 @@ import numpy as np
 import PIL.Image
 import torch
 import torchvision.transforms.functional as TF
-from tqdm import tqdm
 
 from common.atomic import atomic_write_text
 from common.errors import UserError, run_cli
-from data.voc import VOCSegmentation
-from evaluate.features import add_model_arguments, default_device, extractor_from_args
-from evaluate.metrics import attention_mass_masks, best_head_jaccard, mean_jaccard, patch_masks_to_pixels
+from common.progress import progress_bar
 from common.transforms import IMAGENET_MEAN, IMAGENET_STD
+from data.voc import VOCSegmentation
+from evaluate.features import default_device
+from evaluate.metrics import attention_mass_masks, best_head_jaccard, mean_jaccard, patch_masks_to_pixels
+from evaluate.model_source import add_evaluator_arguments, feature_extractor, load_model
 
 RESIZE_MODES = ("square", "short-side")
 MASK_KINDS = ("class", "object")
@@ -161,7 +163,7 @@ def run_attention_masks(model: torch.nn.Module, voc_root, split: str = "val", ma
     device = device or default_device()
     model = model.float().eval().to(device)
     per_image = []
-    with torch.no_grad(), tqdm(total=len(pairs), desc="voc attention", unit="img", disable=not progress) as bar:
+    with torch.no_grad(), progress_bar(total=len(pairs), desc="voc attention", unit="img", disable=not progress) as bar:
         for images, label_maps in loader:
             attentions = cls_attentions(model, images.to(device)).cpu().numpy()
             for image_attentions, label_map in zip(attentions, label_maps.numpy()):
@@ -173,7 +175,7 @@ def run_attention_masks(model: torch.nn.Module, voc_root, split: str = "val", ma
     return {"voc12_jaccard": mean_jaccard(per_image)}
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m evaluate.attention_masks",
                                      description="VOC12 Jaccard of [CLS]-attention masks (always fp32: "
                                                  "--fp32 and the cache flags do not apply)")
@@ -185,11 +187,16 @@ def main(argv=None) -> int:
     parser.add_argument("--image-size", type=int, default=480, help="resize side (default 480)")
     parser.add_argument("--resize", choices=RESIZE_MODES, default="square",
                         help="square: exactly image-size x image-size (default); short-side: aspect kept")
-    add_model_arguments(parser, batch_size=16)
-    args = parser.parse_args(argv)
-    extractor, _ = extractor_from_args(args)
+    add_evaluator_arguments(parser, batch_size=16)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    extractor = feature_extractor(load_model(args), args)
     scores = run_attention_masks(extractor.model, args.voc, args.split, args.masks, args.image_size, args.resize,
-                                 args.mass, args.batch_size, extractor.num_workers, extractor.device)
+                                 args.mass, args.batch_size, extractor.num_workers, extractor.device,
+                                 progress=extractor.progress)
     print(f"VOC12 {args.split} Jaccard ({args.masks} masks, mass {args.mass:g}, {args.resize} "
           f"{args.image_size}): {scores['voc12_jaccard']:.2f}")
     if args.json:

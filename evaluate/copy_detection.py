@@ -1,4 +1,4 @@
-"""Copy detection on Copydays "strong" (PROTOCOLS B4).
+"""Copy detection on Copydays "strong" (docs/protocols.md, "Copy detection").
 
     python -m evaluate.copy_detection --ckpt dino_vitbase8.pth --data /data/copydays \
         --distractors /data/yfcc_10k --whitening /data/yfcc_20k
@@ -27,14 +27,15 @@ import json
 import torch
 import torchvision.transforms as T
 
-from data.copydays import STRONG_BLOCK, Copydays
+from common.atomic import atomic_write_text
 from common.errors import run_cli
 from common.transforms import IMAGENET_MEAN, IMAGENET_STD
-from common.atomic import atomic_write_text
+from data.copydays import STRONG_BLOCK, Copydays
 
 from .descriptors import fit_pca_whitening
-from .features import FeatureExtractor, FeatureSpec, ImageList, add_model_arguments, extractor_from_args
+from .features import FeatureExtractor, FeatureSpec, ImageList
 from .metrics import copy_detection_block_maps
+from .model_source import add_evaluator_arguments, feature_extractor, load_model
 from .retrieval import rank_database
 
 TOP_K = 20
@@ -85,16 +86,21 @@ def run_copy_detection(extractor: FeatureExtractor, data_root, imsize: int = 320
             "database_size": len(copydays.database_paths), "whitened": bool(copydays.whitening_paths)}
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Copydays copy-detection mAP (PROTOCOLS B4)")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m evaluate.copy_detection",
+                                     description="Copydays copy-detection mAP (docs/protocols.md, 'Copy detection')")
     parser.add_argument("--data", required=True, help="Copydays folder: original/, strong/, jpegqual/<q>/, crops/<c>/")
     parser.add_argument("--distractors", default=None, help="flat folder of distractor images added to the database")
     parser.add_argument("--whitening", default=None, help="flat folder of images to learn the whitening on")
     parser.add_argument("--imsize", type=int, default=320, help="square resize side (paper: 320 for ViT-B/8)")
     parser.add_argument("--top-k", type=int, default=TOP_K)
-    add_model_arguments(parser, batch_size=16)
-    args = parser.parse_args(argv)
-    extractor, _ = extractor_from_args(args)
+    add_evaluator_arguments(parser, batch_size=16)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    extractor = feature_extractor(load_model(args), args)
     result = run_copy_detection(extractor, args.data, args.imsize, args.distractors, args.whitening, args.top_k)
     for block, value in result["block_maps"].items():
         print(f"eval on {block} mAP={value:.2f}")

@@ -29,16 +29,17 @@ import shutil
 import time
 from pathlib import Path
 
-from data import suite as suite_cli
-from common.errors import UserError, one_line_message, run_cli
-from pretrain import train as train_cli
 from common.atomic import atomic_write_text
+from common.errors import UserError, one_line_message, run_cli
+from data import suite as suite_cli
+from pretrain import train as train_cli
 from pretrain.config import to_dict
 
 from .emergence import RANDOM_TWIN, STUDENT, TEACHER, diagnose, format_diagnoses
-from .eval_all import Outcome, evaluate_all, load_subject
+from .eval_all import Outcome, evaluate_all
 from .eval_plan import EvalOptions
-from .features import FeatureExtractor, default_device, run_name
+from .features import FeatureExtractor, default_device
+from .model_source import load_model_source, run_name
 
 RANDOM, DINO = RANDOM_TWIN, TEACHER
 
@@ -83,7 +84,7 @@ def evaluate_pair(checkpoint, suite_root, results=None, linear_epochs=None, seed
     options = EvalOptions(linear_epochs=linear_epochs, linear_cached=True)
     outcomes = {}
     for name, random_like, ckpt in ((RANDOM, checkpoint, None), (DINO, None, checkpoint)):
-        subject = load_subject(ckpt, random_like=random_like, seed=seed)
+        subject = load_model_source(ckpt, random_like=random_like, seed=seed)
         outcomes[name] = evaluate_all(subject, suite_root, results, options, force=True, seed=seed,
                                       num_workers=0, progress=False)
     rows = comparison(outcomes[RANDOM], outcomes[DINO])
@@ -107,7 +108,7 @@ def emergence_of_run(checkpoint, suite_root, results=None, seed: int = 0):
     diagnoses, failed = {}, []
     for name, ckpt, random_like, key in models:
         try:
-            subject = load_subject(ckpt, key=key, random_like=random_like, seed=seed)
+            subject = load_model_source(ckpt, key=key, random_like=random_like, seed=seed)
             extractor = FeatureExtractor(subject.model, default_device(), num_workers=0, cache_dir=cache,
                                          progress=False)
             diagnoses[name] = diagnose(extractor, suite_root, subject.train_args)

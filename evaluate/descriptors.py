@@ -1,4 +1,5 @@
-"""Image descriptors of the copy-detection protocol (PROTOCOLS B4): GeM pooling and PCA whitening.
+"""Image descriptors of the copy-detection protocol (docs/protocols.md, "Copy detection"):
+GeM pooling and PCA whitening.
 
 * ``gem_pool``: generalised mean of the patch tokens,
   g_d = (1/N sum_n max(x_nd, eps)^p)^(1/p) (p = 4 in the paper; p = 1 is the

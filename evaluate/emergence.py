@@ -44,18 +44,18 @@ import tempfile
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from common.atomic import atomic_write_text
 from common.errors import UserError, run_cli
+from common.progress import progress_bar
 from data.voc import VOCSegmentation
 from pretrain.backbones import describe
 
 from .attention_masks import RESIZE_MODES, VOCAttentionPairs, cls_attentions
 from .eval_plan import PART_FOLDERS, EvalOptions, ModelInfo, find_part, plan
-from .features import (FeatureExtractor, FeatureSpec, add_model_source_arguments, as_extractor, default_device,
-                       model_from_args)
-from .knn import knn_datasets, run_knn, trained_crop_size
+from .features import FeatureExtractor, FeatureSpec, as_extractor, default_device
+from .knn import knn_datasets, run_knn
+from .model_source import add_evaluator_arguments, feature_extractor, load_model, trained_crop_size
 
 BACKGROUND, VOID = 0, 255
 KNN_K = 20
@@ -126,7 +126,7 @@ def object_attention_share(model: torch.nn.Module, voc_root, split: str = "val",
     device = device or default_device()
     model = model.float().eval().to(device)
     shares, areas = [], []
-    for images, labels in tqdm(loader, desc="object attention", unit="batch", disable=not progress):
+    for images, labels in progress_bar(loader, desc="object attention", unit="batch", disable=not progress):
         attentions = cls_attentions(model, images.to(device)).cpu()
         fractions, kept = patch_object_fractions(labels.long(), model.patch_size)
         has_object = (fractions > 0).flatten(1).any(dim=1)
@@ -218,20 +218,22 @@ def format_diagnoses(diagnoses: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m evaluate.emergence",
                                      description="emergence diagnostics of a backbone: 20-NN top-1, feature "
                                                  "geometry, [CLS] attention on the objects")
-    add_model_source_arguments(parser)
     parser.add_argument("--data-root", default="data/suite", help="folder holding classification/ and voc/ "
                                                                   "(default data/suite)")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
-    parser.add_argument("--json", default=None, help="also write the diagnosis to this JSON file")
-    args = parser.parse_args(argv)
-    model, train_args, name = model_from_args(args)
-    label = f"{RANDOM_TWIN} ({name})" if args.random_like or str(args.ckpt) == "random" else f"{name} ({args.key})"
-    diagnosis = diagnose(model, args.data_root, train_args, args.device, args.batch_size)
+    add_evaluator_arguments(parser, batch_size=64)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    source = load_model(args)
+    label = f"{RANDOM_TWIN} ({source.run})" if source.random else f"{source.run} ({source.key})"
+    diagnosis = diagnose(feature_extractor(source, args), args.data_root, source.train_args,
+                         progress=not args.no_progress)
     print(format_diagnoses({label: diagnosis}))
     sizes = diagnosis["image_sizes"]
     print(f"k-NN crop {sizes['knn'] or '-'}, VOC size {sizes['voc'] or '-'}; "

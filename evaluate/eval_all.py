@@ -8,7 +8,9 @@
 Which evaluators run, on which folders, with which settings (the paper's on
 real data, scaled ones on the embedded suite): `evaluate.eval_plan`. Each
 evaluator is the module's own ``run_*`` function (knn, linear, retrieval,
-copy_detection, video_segmentation, attention_masks).
+copy_detection, video_segmentation, attention_masks). The model and extraction
+flags are every evaluator's (`evaluate.model_source`); ``--cache-dir`` defaults
+to ``<out>/features``.
 
 Outputs, in ``--out`` (default ``results/<run>``, the run of ``--random-like``
 for a twin, so both land in one table):
@@ -42,84 +44,29 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import torch
-
 from common.atomic import atomic_write_text
 from common.errors import UserError, one_line_message, run_cli
 from common.run_lock import RunLock
-from pretrain.backbones import describe
-from pretrain.checkpoint import load_backbone_with_args
 
 from . import results_table as rt
 from .attention_masks import run_attention_masks
 from .copy_detection import run_copy_detection
-from .eval_plan import KINDS, KNN_TABLE_K, EvalOptions, Evaluation, ModelInfo, plan
-from .features import FeatureExtractor, default_device, run_name, weights_fingerprint
-from .knn import run_knn, trained_crop_size
+from .eval_plan import KINDS, KNN_TABLE_K, EvalOptions, Evaluation, plan
+from .features import FeatureExtractor
+from .knn import run_knn
 from .linear import run_linear
+from .model_source import ModelSource, add_extraction_arguments, add_model_arguments, load_model
 from .retrieval import run_retrieval
 from .video_segmentation import PropagationOptions, run_video_segmentation
 
 
 @dataclass
-class Subject:
-    """The model under evaluation: ``method`` names its rows, ``run`` its default results folder, ``key`` the
-    checkpoint entry it was read from (teacher or student)."""
-    model: torch.nn.Module
-    method: str
-    run: str
-    random: bool
-    train_args: dict | None = None
-    key: str = "teacher"
-    weights: str = field(default="", init=False)
-
-    def __post_init__(self):
-        self.weights = weights_fingerprint(self.model)
-
-    @property
-    def spec(self) -> dict:
-        return describe(self.model)
-
-    def info(self) -> ModelInfo:
-        spec = self.spec
-        return ModelInfo(spec["arch"], spec["patch"], getattr(self.model, "embed_dim", 0),
-                         trained_crop_size(self.train_args), pretraining_data(self.train_args, self.random))
-
-
-def pretraining_data(train_args: dict | None, random: bool) -> str:
-    """The ``train_data`` cell: "suite" for the embedded suite, else the data folder's name."""
-    if random:
-        return "none (random init)"
-    data = Path(str((train_args or {}).get("data") or ""))
-    if not str(data) or str(data) == ".":
-        return ""
-    if (data / "SUITE.json").is_file() or (data.parent / "SUITE.json").is_file():
-        return "suite"
-    return (data.parent if data.name == "train" else data).name
-
-
-def load_subject(ckpt: str | None, arch: str | None = None, patch: int | None = None, key: str = "teacher",
-                 random_like: str | None = None, seed: int = 0) -> Subject:
-    """Load the model the flags name (seeded, so a random init is reproducible); UserError if it does not load."""
-    torch.manual_seed(seed)
-    if random_like:
-        model, train_args = load_backbone_with_args(random_like, key=key, random_weights=True)
-        return Subject(model, f"random init ({describe(model)['arch']})", run_name(random_like), True, train_args, key)
-    if not ckpt:
-        raise UserError("no model given: pass --ckpt <checkpoint> (or random with --arch), or --random-like <checkpoint>")
-    model, train_args = load_backbone_with_args(ckpt, arch, patch, key=key)
-    if str(ckpt) == "random":
-        spec = describe(model)
-        return Subject(model, f"random init ({spec['arch']})", run_name(ckpt, spec["arch"], spec["patch"]), True)
-    return Subject(model, run_name(ckpt), run_name(ckpt), False, train_args, key)
-
-
-@dataclass
 class Context:
-    """How to run: output folder, extractor (device, batch, feature cache, progress bars), force, seed."""
+    """How to run: output folder, extractor (device, batch, feature cache, progress bars), force, seed.
+    ``subject``: the model under evaluation (`evaluate.model_source.load_model`)."""
     out: Path
     extractor: FeatureExtractor
-    subject: Subject
+    subject: ModelSource
     force: bool = False
     seed: int = 0
 
@@ -251,17 +198,19 @@ def outcome_line(evaluation: Evaluation, outcome: Outcome) -> str:
     return f"{evaluation.name:<22} {when}  {values}  [{evaluation.describe()}]"
 
 
-def evaluate_all(subject: Subject, data_root, out=None, options: EvalOptions = EvalOptions(), force: bool = False,
+def evaluate_all(subject: ModelSource, data_root, out=None, options: EvalOptions = EvalOptions(), force: bool = False,
                  seed: int = 0, batch_size: int | None = None, num_workers: int | None = None, fp32: bool = False,
-                 progress: bool = True, log=print) -> list[Outcome]:
+                 progress: bool = True, log=print, device=None, cache_dir=None, cache: bool = True) -> list[Outcome]:
     """Plan, then run every evaluator of ``subject`` on ``data_root`` into ``out``; one line per evaluator.
 
+    Features are cached in ``cache_dir`` (default ``<out>/features``; none when ``cache`` is false).
     Returns the outcomes, planning failures (a broken part) included as 'failed'.
     """
     out = Path(out or Path("results") / subject.run)
     evaluations, plan_failures = plan(data_root, subject.info(), options)
-    extractor = FeatureExtractor(subject.model, default_device(), batch_size, num_workers, fp32,
-                                 cache_dir=out / "features", progress=progress, refresh=force)
+    extractor = FeatureExtractor(subject.model, device, batch_size, num_workers, fp32,
+                                 cache_dir=(cache_dir or out / "features") if cache else None, progress=progress,
+                                 refresh=force)
     context = Context(out, extractor, subject, force, seed)
     records = read_records(record_path(out, subject.method))
     log(f"eval-all: '{subject.method}' ({subject.spec['arch']}, patch {subject.spec['patch']}) "
@@ -277,7 +226,7 @@ def evaluate_all(subject: Subject, data_root, out=None, options: EvalOptions = E
     return outcomes
 
 
-def summary_tables(out: Path, subject: Subject, tables) -> str:
+def summary_tables(out: Path, subject: ModelSource, tables) -> str:
     """Each table's measured rows (every model in ``out``) and the paper's rows for the same arch/patch."""
     spec = subject.spec
     texts = []
@@ -292,14 +241,9 @@ def summary_tables(out: Path, subject: Subject, tables) -> str:
     return "\n\n".join(texts)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m evaluate.eval_all", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ckpt", default=None, help="checkpoint path, or 'random' (with --arch, --patch)")
-    parser.add_argument("--arch", default=None)
-    parser.add_argument("--patch", type=int, default=None)
-    parser.add_argument("--key", default="teacher", help="checkpoint entry: teacher (default) or student")
-    parser.add_argument("--random-like", default=None, metavar="CKPT",
-                        help="evaluate a random initialisation of CKPT's architecture (its baseline)")
+    add_model_arguments(parser)
     parser.add_argument("--data-root", default="data/suite", help="folder holding the parts (default data/suite)")
     parser.add_argument("--out", default=None, help="results folder (default results/<run>)")
     parser.add_argument("--force", action="store_true", help="recompute what is already in --out")
@@ -307,21 +251,20 @@ def main(argv=None) -> int:
     parser.add_argument("--linear-epochs", type=int, default=None, help="linear probe epochs (default 100)")
     parser.add_argument("--linear-cached", type=int, choices=(0, 1), default=None,
                         help="1: cached un-augmented features (suite default), 0: augmented crops (paper)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help="feature extraction batch (default: 256 on CUDA, 64 on the CPU)")
-    parser.add_argument("--num-workers", type=int, default=None,
-                        help="loader workers (default: up to 8 on CUDA, 2 on the CPU)")
-    parser.add_argument("--fp32", action="store_true", help="no bf16 autocast on CUDA (the CPU is always fp32)")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    args = parser.parse_args(argv)
+    add_extraction_arguments(parser)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     options = EvalOptions(tuple(args.only) if args.only else None, args.linear_epochs,
                           None if args.linear_cached is None else bool(args.linear_cached))
-    subject = load_subject(args.ckpt, args.arch, args.patch, args.key, args.random_like, args.seed)
+    subject = load_model(args)
     out = Path(args.out or Path("results") / subject.run)
     with RunLock.acquire(out, "eval-all"):  # one writer per results folder
         outcomes = evaluate_all(subject, args.data_root, out, options, args.force, args.seed, args.batch_size,
-                                args.num_workers, args.fp32, not args.no_progress)
+                                args.num_workers, args.fp32, not args.no_progress, device=args.device,
+                                cache_dir=args.cache_dir, cache=not args.no_cache)
     tables = [outcome.table for outcome in outcomes if outcome.status != "failed"]
     if tables:
         print()

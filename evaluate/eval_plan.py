@@ -12,7 +12,7 @@ Parts, each looked for as the first existing folder of its names under the data 
     voc/ | VOCdevkit/ | VOC2012/      VOC2012 segmentation layout     -> voc            (voc_attention_jaccard)
 
 Settings. A part without ``SUITE.json`` is real data and gets the paper's
-settings (PROTOCOLS B1-B6); a part written by ``python -m data.suite`` (it has
+settings (docs/protocols.md, "Evaluators"); a part written by ``python -m data.suite`` (it has
 ``SUITE.json``) gets the same protocol scaled to its image sizes (p = the
 patch size; only k-NN and linear may enlarge images, to the crop the model
 was trained at):
@@ -143,7 +143,8 @@ def suite_size(suite: dict, key: str = "image_size") -> tuple[int, int]:
     if isinstance(size, int):
         return size, size
     if not (isinstance(size, list) and len(size) == 2 and all(isinstance(side, int) for side in size)):
-        raise UserError(f"SUITE.json has no valid '{key}' ({size!r}): regenerate the suite (python -m data.suite --force)")
+        raise UserError(f"SUITE.json has no valid '{key}' ({size!r}): "
+                        "regenerate the suite (python -m data.suite --force)")
     return size[0], size[1]
 
 

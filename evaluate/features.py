@@ -3,16 +3,16 @@
 Feature functions of a backbone (`FeatureSpec`), for images x (B, 3, H, W):
 
 * ``cls``: ``model(x)``, the final-normed [CLS] (B, D) (the pooled 2048-d
-  feature for ResNet-50). kNN (B1) and retrieval (B3).
+  feature for ResNet-50). kNN (docs/protocols.md, "k-NN") and retrieval (docs/protocols.md, "Image retrieval").
 * ``last_blocks``: with z_l the last n block outputs (each through the final
   LayerNorm, `get_intermediate_layers`), [z_{L-n}[:, 0], ..., z_{L-1}[:, 0]]
   (B, nD); with ``avgpool_patchtokens`` (n = 1 only) the [CLS] and the mean of
   the patch tokens interleaved as the official code lays them out,
-  [cls_0, avg_0, cls_1, avg_1, ...] (B, 2D). Linear probe (B2).
+  [cls_0, avg_0, cls_1, avg_1, ...] (B, 2D). Linear probe (docs/protocols.md, "Linear probe").
 * ``copy_detection``: [CLS] ++ GeM_p(patch tokens) of the last block (B, 2D),
-  `evaluate.descriptors.copy_detection_descriptor`. Copy detection (B4).
+  `evaluate.descriptors.copy_detection_descriptor`. Copy detection (docs/protocols.md, "Copy detection").
 Any of them multi-scale: with ``scales`` (s_1..s_k) the feature is
-(1/k) sum_i f(resize_bilinear(x, s_i)), not normalised (B3's multiscale);
+(1/k) sum_i f(resize_bilinear(x, s_i)), not normalised (the multi-scale option of docs/protocols.md, "Image retrieval");
 a side shorter than one patch is first enlarged to one patch (`rescale`).
 
 Precision: fp32 on the CPU; on CUDA bf16 autocast by default (``fp32=True``
@@ -31,7 +31,6 @@ does not load, is recomputed and replaced.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -42,12 +41,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from common.errors import UserError
+from common.progress import write as progress_write
 from data.imagefolder import load_rgb
 from pretrain.backbones import is_vit
-from pretrain.checkpoint import UnreadableCheckpoint, atomic_save, load_backbone_with_args, safe_load
+from pretrain.checkpoint import UnreadableCheckpoint, atomic_save, safe_load
 from pretrain.monitor import compute_features, extract_features
 
 from .descriptors import copy_detection_descriptor
@@ -256,7 +255,7 @@ def read_cache(path: Path, key: dict, num_samples: int) -> tuple[torch.Tensor, t
     try:
         entry = safe_load(path)
     except UnreadableCheckpoint as error:
-        tqdm.write(f"feature cache '{path}' {error.reason}; recomputing")
+        progress_write(f"feature cache '{path}' {error.reason}; recomputing")
         return None
     if not isinstance(entry, dict) or entry.get("key") != key or len(entry.get("features", ())) != num_samples:
         return None
@@ -266,61 +265,3 @@ def read_cache(path: Path, key: dict, num_samples: int) -> tuple[torch.Tensor, t
 def _file_safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "features"
 
-
-# ------------------------------------------------------------- command line
-
-def run_name(ckpt: str, arch: str | None = None, patch: int | None = None) -> str:
-    """Name of a model's results folder: ``runs/<name>/checkpoint*.pth`` -> <name>;
-    another file -> its stem; ``random`` -> ``random-<arch>-p<patch>``."""
-    if str(ckpt) == "random":
-        return f"random-{arch}-p{patch}" if patch else f"random-{arch}"
-    path = Path(ckpt)
-    return path.parent.name if path.name.startswith("checkpoint") and path.parent.name else path.stem
-
-
-def add_model_source_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags that name the model: checkpoint (or random init), arch, patch, key, seed."""
-    parser.add_argument("--ckpt", default="random", help="checkpoint path, or 'random' (needs --arch or --random-like)")
-    parser.add_argument("--arch", default=None, help="backbone arch (inferred from the checkpoint if omitted)")
-    parser.add_argument("--patch", type=int, default=None)
-    parser.add_argument("--key", default="teacher", help="checkpoint entry: teacher (default) or student")
-    parser.add_argument("--random-like", default=None, metavar="CKPT",
-                        help="score a random initialisation of CKPT's architecture (the trained model's baseline)")
-    parser.add_argument("--seed", type=int, default=0)
-
-
-def add_model_arguments(parser: argparse.ArgumentParser, batch_size: int = 64) -> None:
-    """The flags every evaluator shares: model source, extraction, cache, output."""
-    add_model_source_arguments(parser)
-    parser.add_argument("--batch-size", type=int, default=batch_size)
-    parser.add_argument("--num-workers", type=int, default=None,
-                        help="loader workers (default: up to 8 on CUDA, 2 on the CPU)")
-    parser.add_argument("--fp32", action="store_true", help="no bf16 autocast on CUDA (the CPU is always fp32)")
-    parser.add_argument("--cache-dir", default=None,
-                        help="feature cache folder (default results/<run>/features)")
-    parser.add_argument("--no-cache", action="store_true", help="neither read nor write cached features")
-    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
-
-
-def source_run_name(args: argparse.Namespace) -> str:
-    """The run name of the model the source flags name (a random twin shares its checkpoint's run)."""
-    return run_name(args.random_like) if args.random_like else run_name(args.ckpt, args.arch, args.patch)
-
-
-def model_from_args(args: argparse.Namespace) -> tuple[nn.Module, dict | None, str]:
-    """Seed, then load the model the source flags name: (model, the checkpoint's train args, run name)."""
-    torch.manual_seed(args.seed)
-    if args.random_like:
-        model, train_args = load_backbone_with_args(args.random_like, key=args.key, random_weights=True)
-    else:
-        model, train_args = load_backbone_with_args(args.ckpt, args.arch, args.patch, key=args.key)
-    return model, train_args, source_run_name(args)
-
-
-def extractor_from_args(args: argparse.Namespace) -> tuple[FeatureExtractor, dict | None]:
-    """Seed, load the model the flags name, and wrap it; returns (extractor, the checkpoint's train args)."""
-    model, train_args, name = model_from_args(args)
-    cache_dir = None if args.no_cache else (args.cache_dir or os.path.join("results", name, "features"))
-    extractor = FeatureExtractor(model, batch_size=args.batch_size, num_workers=args.num_workers,
-                                 fp32=args.fp32, cache_dir=cache_dir)
-    return extractor, train_args

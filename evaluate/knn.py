@@ -1,4 +1,4 @@
-"""Weighted k-NN classification on frozen teacher features (PROTOCOLS B1).
+"""Weighted k-NN classification on frozen teacher features (docs/protocols.md, "k-NN").
 
     python -m evaluate.knn --ckpt runs/demo/checkpoint.pth --data data/suite/classification
     python -m evaluate.knn --ckpt random --arch vit_small --patch 16 --data /data/imagenet
@@ -9,6 +9,8 @@ s and r = s * 256 / 224), L2-normalised. Neighbours: FAISS exact
 inner-product search (a GPU index when CUDA and faiss GPU support are
 present). Scores: ``pretrain.monitor.weighted_vote`` (exp(cos / T), T = 0.07).
 Prints top-1/top-5 for k in 10, 20, 100, 200; k = 20 is the paper's number.
+Model, extraction and cache flags: `evaluate.model_source`, the same in every
+evaluator (features cached in results/<run>/features unless --no-cache).
 """
 from __future__ import annotations
 
@@ -18,13 +20,14 @@ import json
 import numpy as np
 import torch
 
-from common.errors import UserError, run_cli
-from data.imagefolder import ImageFolder, split_root
 from common.atomic import atomic_write_text
-from common.transforms import eval_transform
+from common.errors import UserError, run_cli
 from common.knn import knn_scores
+from common.transforms import eval_transform
+from data.imagefolder import ImageFolder, split_root
 
-from .features import FeatureSpec, as_extractor, add_model_source_arguments, model_from_args
+from .features import FeatureSpec, as_extractor
+from .model_source import add_evaluator_arguments, feature_extractor, load_model
 
 DEFAULT_KS = (10, 20, 100, 200)
 
@@ -71,26 +74,24 @@ def run_knn(source, data_root: str, image_size: int = 224, batch_size: int = 128
     return knn_scores(train_f, train_y, val_f, val_y, ks, temperature, search=faiss_neighbours)
 
 
-def trained_crop_size(args: dict | None) -> int | None:
-    """The global crop side of a checkpoint of ours (from its ``args``), else None."""
-    return int(args["global_crops_size"]) if args and "global_crops_size" in args else None
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="weighted k-NN evaluation of a backbone")
-    add_model_source_arguments(parser)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m evaluate.knn",
+                                     description="weighted k-NN evaluation of a backbone")
     parser.add_argument("--data", required=True, help="folder with train/<class>/... and val/<class>/...")
     parser.add_argument("--image-size", type=int, default=None,
                         help="centre-crop side (default 224, or the checkpoint's global crop size)")
     parser.add_argument("--ks", type=int, nargs="+", default=list(DEFAULT_KS))
     parser.add_argument("--temperature", type=float, default=0.07)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--num-workers", type=int, default=2)
-    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
-    args = parser.parse_args(argv)
-    model, train_args, _ = model_from_args(args)
-    image_size = args.image_size or trained_crop_size(train_args) or 224
-    results = run_knn(model, args.data, image_size, args.batch_size, tuple(args.ks), args.temperature, args.num_workers)
+    add_evaluator_arguments(parser, batch_size=128)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    source = load_model(args)
+    image_size = args.image_size or source.crop_size or 224
+    results = run_knn(feature_extractor(source, args), args.data, image_size, ks=tuple(args.ks),
+                      temperature=args.temperature)
     for k, (top1, top5) in results.items():
         print(f"{k}-NN: top-1 {top1:.2f}  top-5 {top5:.2f}")
     if args.json:

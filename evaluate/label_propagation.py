@@ -1,4 +1,5 @@
-"""Label propagation with frozen patch features: the math of the DAVIS protocol (PROTOCOLS B5).
+"""Label propagation with frozen patch features: the math of the DAVIS protocol
+(docs/protocols.md, "DAVIS video segmentation").
 
 For a target frame with patch features f_t (N, D) and K context frames with
 features f_c (K, N, D) and label vectors y_c (K, N, C), on an h x w patch grid
@@ -179,7 +180,7 @@ def full_fp32_matmuls():
     """Disable TF32 for CUDA matmuls and convolutions inside the block, restoring the previous setting.
 
     exp(x / 0.1) turns TF32's 1e-3 relative error in <f_t, f_c> into visible
-    changes of the top-k (PROTOCOLS B5, E15). Uses the ``fp32_precision`` API
+    changes of the top-k (docs/protocols.md, "DAVIS video segmentation"). Uses the ``fp32_precision`` API
     where this PyTorch has it (mixing it with ``allow_tf32`` is an error there).
     """
     if hasattr(torch.backends.cuda.matmul, "fp32_precision") and hasattr(torch.backends.cudnn, "conv"):

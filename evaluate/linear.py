@@ -1,11 +1,11 @@
-"""Linear probe on a frozen backbone (PROTOCOLS B2).
+"""Linear probe on a frozen backbone (docs/protocols.md, "Linear probe").
 
     python -m evaluate.linear --ckpt runs/demo/checkpoint.pth --data data/suite/classification
     python -m evaluate.linear --ckpt dino_vitbase16.pth --data /data/imagenet --batch-size 1024
     python -m evaluate.linear --ckpt random --arch vit_small --data data/suite/classification \
         --cached-features --epochs 20
 
-Features (B2, Appendix F): ViT-S (and every ViT but ViT-B): the [CLS] of
+Features (docs/protocols.md, "Linear probe"; paper Appendix F): ViT-S (and every ViT but ViT-B): the [CLS] of
 the last n = 4 blocks, each through the final LayerNorm, concatenated (4D);
 ViT-B: n = 1 and the [CLS] interleaved with the mean patch token (2D);
 ResNet-50: the pooled output. ``--n-last-blocks`` / ``--avgpool-patchtokens``
@@ -38,19 +38,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms as T
-from tqdm import tqdm
 
-from common.errors import UserError, run_cli
-from data.imagefolder import ImageFolder, split_root
-from common.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
-from pretrain.backbones import describe, is_vit
 from common.atomic import atomic_write_text
-from pretrain.checkpoint import atomic_save
+from common.errors import UserError, run_cli
 from common.knn import accuracies
+from common.progress import progress_bar
 from common.scaling import scaled_lr
+from common.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from data.imagefolder import ImageFolder, split_root
+from pretrain.backbones import describe, is_vit
+from pretrain.checkpoint import atomic_save
 
-from .features import FeatureExtractor, FeatureSpec, add_model_arguments, extractor_from_args
-from .knn import trained_crop_size
+from .features import FeatureExtractor, FeatureSpec
+from .model_source import add_evaluator_arguments, feature_extractor, load_model
 
 BASE_LR = 1e-3
 BATCH_SIZE = 1024
@@ -132,7 +132,8 @@ def augmented_batches(extractor: FeatureExtractor, dataset, spec: FeatureSpec, b
                                          pin_memory=extractor.device.type == "cuda")
 
     def batches(epoch: int):
-        for images, labels in tqdm(loader, desc=f"epoch {epoch} crops", leave=False, disable=not extractor.progress):
+        for images, labels in progress_bar(loader, desc=f"epoch {epoch} crops", leave=False,
+                                           disable=not extractor.progress):
             yield extractor.batch(images, spec), labels.to(extractor.device)
     return batches
 
@@ -153,7 +154,7 @@ def train_linear_probe(train_batches, val_features: torch.Tensor, val_labels: to
     optimizer = torch.optim.SGD(classifier.parameters(), lr=lr, momentum=MOMENTUM, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs, eta_min=0.0)
     best = LinearProbeResult(top1=-1.0, top5=0.0, best_epoch=-1, classifier=classifier)
-    for epoch in tqdm(range(epochs), desc="linear probe", disable=not progress):
+    for epoch in progress_bar(range(epochs), desc="linear probe", disable=not progress):
         record = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
         classifier.train()
         losses = []
@@ -197,10 +198,11 @@ def run_linear(extractor: FeatureExtractor, data_root, image_size: int = 224, sp
                               progress=extractor.progress)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="linear probe of a frozen backbone (PROTOCOLS B2)")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m evaluate.linear",
+                                     description="linear probe of a frozen backbone "
+                                                 "(docs/protocols.md, 'Linear probe')")
     parser.add_argument("--data", required=True, help="folder with train/<class>/... and val/<class>/...")
-    add_model_arguments(parser, batch_size=BATCH_SIZE)
     parser.add_argument("--epochs", type=int, default=EPOCHS)
     parser.add_argument("--lr", type=float, default=BASE_LR, help="base lr, scaled by batch / 256")
     parser.add_argument("--image-size", type=int, default=None,
@@ -212,11 +214,17 @@ def main(argv=None) -> int:
                         help="train on cached features of un-augmented images (fast; departs from the paper)")
     parser.add_argument("--val-every", type=int, default=1)
     parser.add_argument("--output", default=None, help="save the trained linear layer here (.pth)")
-    args = parser.parse_args(argv)
-    extractor, train_args = extractor_from_args(args)
+    add_evaluator_arguments(parser, batch_size=BATCH_SIZE)  # --batch-size: extraction and the probe's batch
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    source = load_model(args)
+    extractor = feature_extractor(source, args)
     avgpool = None if args.avgpool_patchtokens is None else bool(args.avgpool_patchtokens)
     spec = linear_feature_spec(extractor.model, args.n_last_blocks, avgpool)
-    image_size = args.image_size or trained_crop_size(train_args) or 224
+    image_size = args.image_size or source.crop_size or 224
     result = run_linear(extractor, args.data, image_size, spec, args.epochs, args.batch_size, args.lr,
                         augment=not args.cached_features, val_every=args.val_every, seed=args.seed)
     print(f"linear probe: top-1 {result.top1:.2f}  top-5 {result.top5:.2f}  "

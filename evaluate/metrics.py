@@ -1,16 +1,16 @@
-"""Scores of the paper's evaluations, usable on any method's output (PROTOCOLS B3-B6).
+"""Scores of the paper's evaluations, usable on any method's output (docs/protocols.md, "Evaluators").
 
     python -m evaluate.metrics davis --davis-root /data/DAVIS --pred results/davis [--split val]
 
-* Retrieval (revisited Oxford/Paris, B3): revisitop mAP and mP@k from a
+* Retrieval (revisited Oxford/Paris; docs/protocols.md, "Image retrieval"): revisitop mAP and mP@k from a
   ranking (n_db, n_queries), junk removed from the ranking before positions
   are counted, AP by trapezoids over the precision-recall curve.
-* Copy detection (Copydays, B4): the same trapezoid AP over the top-K list
+* Copy detection (Copydays; docs/protocols.md, "Copy detection"): the same trapezoid AP over the top-K list
   only, divided by the total number of positives; mAP per query block.
-* DAVIS-2017 semi-supervised (B5): J (region IoU) and F (boundary
+* DAVIS-2017 semi-supervised (docs/protocols.md, "DAVIS video segmentation"): J (region IoU) and F (boundary
   F-measure), per object over every frame but the first and the last,
   J&F = (J-Mean + F-Mean) / 2, as the davis2017-evaluation package scores it.
-* Attention masks (B6): per-head masks keeping the patches that carry a
+* Attention masks (docs/protocols.md, "VOC attention-mask Jaccard"): per-head masks keeping the patches that carry a
   fraction t of the [CLS] attention mass; best-head Jaccard against the
   objects of a label map (255 = void ignored).
 
@@ -93,7 +93,8 @@ def positive_ranks_without_junk(ranking: np.ndarray, positives: np.ndarray, igno
 
 @dataclass
 class RetrievalScores:
-    """mAP and mean precision at k (percent, over queries with positives); per-query AP (fraction, NaN if no positive)."""
+    """mAP and mean precision at k (percent, over queries with positives);
+    per-query AP (fraction, NaN if no positive)."""
     map: float
     precision_at: dict[int, float]
     ap_per_query: np.ndarray
@@ -298,7 +299,8 @@ def davis_j_and_f(davis_root, pred_dir, split: str = "val", sequences=None) -> d
         raise UserError(f"sequence(s) {', '.join(unknown)} not in '{split_file}': choose among {', '.join(listed)}")
     sequences = [name for name in listed if sequences is None or name in sequences]
     if not pred_dir.is_dir():
-        raise UserError(f"prediction folder '{pred_dir}' does not exist: pass --pred <folder with one sub-folder per sequence>")
+        raise UserError(f"prediction folder '{pred_dir}' does not exist: "
+                        "pass --pred <folder with one sub-folder per sequence>")
     per_object, statistics = {}, {"J": [], "F": []}
     for sequence in sequences:
         gt_maps, pred_maps, n_objects, _ = read_sequence(davis_root, pred_dir, sequence)

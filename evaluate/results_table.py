@@ -1,6 +1,6 @@
 """Results tables: this run's measured numbers beside the paper's, one CSV per paper table.
 
-Schema (DESIGN.md, "Results tables"; results/reference/README.md). Long
+Schema (docs/design.md, "Results tables"; results/reference/README.md). Long
 format, one row per (model, metric); the fixed columns, in this order::
 
     table   the table's name = the CSV's stem, e.g. "table2_linear_knn"

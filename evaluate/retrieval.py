@@ -1,4 +1,4 @@
-"""Image retrieval on revisited Oxford / Paris (PROTOCOLS B3).
+"""Image retrieval on revisited Oxford / Paris (docs/protocols.md, "Image retrieval").
 
     python -m evaluate.retrieval --ckpt dino_vits16.pth --data /data/revisitop --datasets roxford5k
     python -m evaluate.retrieval --ckpt dino_vits16.pth --data /data/revisitop --datasets rparis6k \
@@ -37,13 +37,14 @@ import torch.nn.functional as F
 import torchvision.transforms as T
 from PIL import Image
 
-from common.errors import UserError, run_cli
-from data.revisitop import RevisitopDataset
-from common.transforms import IMAGENET_MEAN, IMAGENET_STD
 from common.atomic import atomic_write_text
+from common.errors import UserError, run_cli
+from common.transforms import IMAGENET_MEAN, IMAGENET_STD
+from data.revisitop import RevisitopDataset
 
-from .features import FeatureExtractor, FeatureSpec, ImageList, add_model_arguments, extractor_from_args
+from .features import FeatureExtractor, FeatureSpec, ImageList
 from .metrics import RETRIEVAL_PROTOCOLS, protocol_sets, ranking_from_similarity, retrieval_scores
+from .model_source import add_evaluator_arguments, feature_extractor, load_model
 
 MULTISCALE = (1.0, 1 / math.sqrt(2), 0.5)
 
@@ -121,8 +122,10 @@ def run_retrieval(extractor: FeatureExtractor, data_root, dataset: str, imsize: 
     return map_scores(ranks, revisitop.ground_truth.queries, dataset)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="revisited Oxford/Paris retrieval mAP (PROTOCOLS B3)")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m evaluate.retrieval",
+                                     description="revisited Oxford/Paris retrieval mAP "
+                                                 "(docs/protocols.md, 'Image retrieval')")
     parser.add_argument("--data", required=True, help="folder holding <dataset>/gnd_<dataset>.pkl and <dataset>/jpg/")
     parser.add_argument("--datasets", nargs="+", default=None, help="default: every dataset under --data")
     parser.add_argument("--gnd", default=None, help="ground-truth pickle to use instead of gnd_<dataset>.pkl "
@@ -131,12 +134,16 @@ def main(argv=None) -> int:
     parser.add_argument("--multiscale", action="store_true", help="average [CLS] over scales 1, 1/sqrt(2), 1/2")
     parser.add_argument("--crop-queries", action="store_true",
                         help="crop queries to their bbx (revisitop protocol; DINO does not)")
-    add_model_arguments(parser, batch_size=1)
-    args = parser.parse_args(argv)
+    add_evaluator_arguments(parser, batch_size=1)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     datasets = args.datasets or find_datasets(args.data)
     if args.gnd and len(datasets) != 1:
         raise UserError(f"--gnd applies to one dataset, but {len(datasets)} are selected: pass --datasets NAME")
-    extractor, _ = extractor_from_args(args)
+    extractor = feature_extractor(load_model(args), args)
     results = {}
     for dataset in datasets:
         scores = run_retrieval(extractor, args.data, dataset, args.imsize, args.multiscale, args.crop_queries,

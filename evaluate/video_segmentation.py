@@ -1,4 +1,5 @@
-"""DAVIS-2017 semi-supervised video object segmentation by label propagation (PROTOCOLS B5, E15).
+"""DAVIS-2017 semi-supervised video object segmentation by label propagation
+(docs/protocols.md, "DAVIS video segmentation").
 
     python -m evaluate.video_segmentation --ckpt runs/demo/checkpoint.pth --davis /data/DAVIS
     python -m evaluate.video_segmentation --ckpt random --arch vit_small --patch 16 --davis /data/DAVIS \
@@ -43,16 +44,23 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from common.atomic import atomic_write_text
-from data.davis import Davis, davis_palette
 from common.errors import UserError, run_cli
+from common.progress import ProgressBar, progress_bar
+from data.davis import Davis, davis_palette
 from data.index_masks import write_index_mask
-from evaluate.features import add_model_arguments, default_device, extractor_from_args, run_name, weights_fingerprint
-from evaluate.label_propagation import (DEFAULT_MAX_AFFINITY_ELEMENTS, ContextQueue, full_fp32_matmuls,
-                                        one_hot_patch_labels, propagate_labels, soft_labels_to_index_map)
+from evaluate.features import default_device, weights_fingerprint
+from evaluate.label_propagation import (
+    DEFAULT_MAX_AFFINITY_ELEMENTS,
+    ContextQueue,
+    full_fp32_matmuls,
+    one_hot_patch_labels,
+    propagate_labels,
+    soft_labels_to_index_map,
+)
 from evaluate.metrics import davis_j_and_f
+from evaluate.model_source import ModelSource, add_evaluator_arguments, feature_extractor, load_model
 
 FRAME_MEAN = (0.485, 0.456, 0.406)
 FRAME_STD = (0.228, 0.224, 0.225)  # 0.228, not ImageNet's 0.229: the official DAVIS code's value
@@ -152,7 +160,7 @@ def move_into_place(staging: Path, final: Path) -> None:
 
 
 def write_sequence(model, davis: Davis, sequence: str, first_label_map: np.ndarray, output_dir: Path,
-                   options: PropagationOptions, device, progress: tqdm,
+                   options: PropagationOptions, device, progress: ProgressBar,
                    max_affinity_elements: int = DEFAULT_MAX_AFFINITY_ELEMENTS) -> None:
     """Propagate one sequence and write its PNGs; the folder appears only once complete."""
     names = davis.frame_names(sequence)
@@ -225,7 +233,7 @@ def run_video_segmentation(model: torch.nn.Module, davis_root, output_dir, split
     model = model.float().eval().to(device)
     total = sum(len(davis.frame_names(name)) for name in todo)
     with full_fp32_matmuls(), torch.inference_mode(), \
-            tqdm(total=total, desc="davis", unit="frame", disable=not progress) as bar:
+            progress_bar(total=total, desc="davis", unit="frame", disable=not progress) as bar:
         for name in todo:
             bar.set_postfix_str(name)
             write_sequence(model, davis, name, first_label_maps[name], output_dir, options, device, bar,
@@ -236,14 +244,12 @@ def run_video_segmentation(model: torch.nn.Module, davis_root, output_dir, split
             "F_recall": scores["F-Recall"], "F_decay": scores["F-Decay"]}
 
 
-def default_output_dir(args: argparse.Namespace) -> Path:
+def default_output_dir(source: ModelSource) -> Path:
     """results/<run>/davis, or results/<run>/davis-random-init for ``--random-like`` (another model)."""
-    if args.random_like:
-        return Path("results") / run_name(args.random_like) / "davis-random-init"
-    return Path("results") / run_name(args.ckpt, args.arch, args.patch) / "davis"
+    return source.results_dir("davis")
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m evaluate.video_segmentation",
                                      description="DAVIS-2017 label propagation with frozen patch features "
                                                  "(always fp32: --fp32, --batch-size and the cache flags do not apply)")
@@ -261,14 +267,19 @@ def main(argv=None) -> int:
     parser.add_argument("--topk", type=int, default=defaults.topk)
     parser.add_argument("--temperature", type=float, default=defaults.temperature)
     parser.add_argument("--force", action="store_true", help="delete earlier predictions in --output and recompute")
-    add_model_arguments(parser)
-    args = parser.parse_args(argv)
-    extractor, _ = extractor_from_args(args)
+    add_evaluator_arguments(parser)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    source = load_model(args)
+    extractor = feature_extractor(source, args)
     options = PropagationOptions(args.frame_height, args.side_multiple, args.n_last_frames,
                                  args.size_mask_neighborhood, args.topk, args.temperature)
-    output = args.output or default_output_dir(args)
+    output = args.output or default_output_dir(source)
     scores = run_video_segmentation(extractor.model, args.davis, output, args.split, args.sequences, options,
-                                    args.force, extractor.device)
+                                    args.force, extractor.device, extractor.progress)
     print(f"J&F {scores['J&F_mean']:.2f}  J {scores['J_mean']:.2f}  F {scores['F_mean']:.2f}  "
           f"(predictions in {output})")
     if args.json:

@@ -1,6 +1,6 @@
 """DINO pretraining core: backbones, head, loss, multi-crop, schedules, trainer.
 
-Public API (see DESIGN.md):
+Public API (see docs/design.md, "Public API"):
 
     build_backbone(arch, patch, **kw) -> nn.Module
     load_backbone(path_or_None, arch=None, patch=None, key="teacher") -> nn.Module

@@ -1,4 +1,4 @@
-"""DINO multi-crop augmentation (PROTOCOLS A3), deterministic per sample.
+"""DINO multi-crop augmentation (docs/protocols.md, "Multi-crop augmentation"), deterministic per sample.
 
 Per source image: 2 global crops (scale ``global_scale``, default (0.4, 1))
 and ``n_local`` local crops (scale ``local_scale``, default (0.05, 0.4)),
@@ -33,12 +33,12 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageFilter, ImageOps
 
 from common.errors import UserError
 from common.transforms import IMAGENET_MEAN, IMAGENET_STD
+
 
 def random_resized_crop_box(rng: random.Random, width: int, height: int, scale: tuple[float, float],
                             ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:

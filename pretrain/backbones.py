@@ -29,7 +29,7 @@ class ViTSpec:
     num_heads: int
 
 
-# DINO's ViT sizes (PROTOCOLS A1): every head is 64 wide.
+# DINO's ViT sizes (docs/protocols.md, "ViT backbones"): every head is 64 wide.
 VIT_SPECS = {
     "vit_tiny": ViTSpec(192, 12, 3),
     "vit_small": ViTSpec(384, 12, 6),

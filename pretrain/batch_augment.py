@@ -55,8 +55,17 @@ import torch.nn.functional as F
 
 from common.errors import UserError
 
-from .augment import (IMAGENET_MEAN, IMAGENET_STD, DecodedBatch, DecodedCropDataset, MultiCropAugmentation,
-                      MultiCropDataset, collate_decoded, pad_images, rotate_hue_yiq)
+from .augment import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    DecodedBatch,
+    DecodedCropDataset,
+    MultiCropAugmentation,
+    MultiCropDataset,
+    collate_decoded,
+    pad_images,
+    rotate_hue_yiq,
+)
 from .device_decode import DecodeThenCrop, EncodedCropDataset, collate_encoded
 
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)
@@ -563,7 +572,8 @@ class BatchMultiCrop:
         crops = [torch.empty(len(images), 3, size, size, device=device) for size in self.sizes]
         for group in groups:
             members = torch.tensor(group)
-            part = self(pad_images([images[i] for i in group]), {name: value[:, members] for name, value in params.items()})
+            part = self(pad_images([images[i] for i in group]),
+                        {name: value[:, members] for name, value in params.items()})
             slots = members.to(device)
             for out, crop in zip(crops, part):
                 out[slots] = crop

@@ -1,6 +1,6 @@
 """Checkpoint I/O: atomic saves, safe loads, and ``load_backbone``.
 
-Training checkpoints follow the official layout (PROTOCOLS A9) so either
+Training checkpoints follow the official layout (docs/protocols.md, "Checkpoint format") so either
 tool reads the other's files: ``student`` (keys ``module.backbone.*`` /
 ``module.head.*``), ``teacher`` (``backbone.*`` / ``head.*``), ``optimizer``,
 ``epoch`` (epochs completed), ``args``, ``dino_loss`` (the center) and
@@ -36,6 +36,7 @@ import torch.nn as nn
 
 from common.atomic import atomic_write
 from common.errors import UserError
+
 # the gnd reader's numpy stand-ins: they never hand numpy the file's dtype state
 from data.safe_pickle import DtypeRecipe, materialize
 
@@ -180,9 +181,11 @@ def extract_backbone_state(checkpoint, key: str = "teacher") -> tuple[dict, dict
     if key in checkpoint and isinstance(checkpoint[key], dict):
         state = checkpoint[key]
     elif any(k in checkpoint for k in ("teacher", "student")):
-        raise UserError(f"checkpoint has no '{key}' entry (it has {sorted(checkpoint)}): use key 'teacher' or 'student'")
+        raise UserError(f"checkpoint has no '{key}' entry (it has {sorted(checkpoint)}): "
+                        "use key 'teacher' or 'student'")
     else:
-        state = next((checkpoint[k] for k in ("state_dict", "model") if isinstance(checkpoint.get(k), dict)), checkpoint)
+        state = next((checkpoint[k] for k in ("state_dict", "model") if isinstance(checkpoint.get(k), dict)),
+                     checkpoint)
     state = strip_prefixes(state)
     state = {k: v for k, v in state.items()
              if isinstance(v, torch.Tensor) and not k.startswith(NON_BACKBONE_PREFIXES)}
@@ -260,7 +263,8 @@ def load_backbone_with_args(path_or_none, arch: str | None = None, patch: int | 
         model = build_backbone(arch, patch if patch is not None else (None if arch in CONVNETS else 16))
         return model.eval(), None
     state, spec, args = read_backbone_file(path_or_none, key)
-    if arch is not None and arch != spec["arch"] or patch is not None and spec["patch"] is not None and patch != spec["patch"]:
+    if arch is not None and arch != spec["arch"] \
+            or patch is not None and spec["patch"] is not None and patch != spec["patch"]:
         wanted = f"{arch}/{patch}" if patch is not None else str(arch)
         raise UserError(f"checkpoint '{path_or_none}' holds {describe_arch(spec)} weights, not {wanted}: "
                         "drop the arch/patch arguments or pass the matching ones")

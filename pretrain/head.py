@@ -1,4 +1,4 @@
-"""DINO projection head and the multi-crop wrapper (PROTOCOLS A2).
+"""DINO projection head and the multi-crop wrapper (docs/protocols.md, "DINO head").
 
 Head: x (B, D) -> MLP D->h->h->b (GELU between, none after the last) ->
 z = x / max(||x||_2, 1e-12) (b-dim bottleneck on the unit sphere) ->

@@ -63,14 +63,26 @@ class DINOLoss(nn.Module):
         schedule = self.teacher_temp_schedule
         return float(schedule[min(epoch, len(schedule) - 1)])
 
-    def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int,
-                monitors: bool = False):
-        """student_output ((ncrops * B, K)), teacher_output ((2 * B, K)) -> scalar loss.
+    def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int) -> torch.Tensor:
+        """student_output ((ncrops * B, K)), teacher_output ((2 * B, K)) -> the scalar loss L. Updates
+        ``center`` (after computing the loss, which uses the old one)."""
+        return self._loss_and_targets(student_output, teacher_output, epoch)[0]
 
-        With ``monitors``: (loss, {"teacher_entropy", "teacher_student_kl",
-        "teacher_batch_entropy"}) as 0-d tensors (no host sync). Updates ``center`` (after computing the loss,
-        which uses the old one).
-        """
+    def with_monitors(self, student_output: torch.Tensor, teacher_output: torch.Tensor,
+                      epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """`forward`, plus the collapse monitors {"teacher_entropy", "teacher_student_kl",
+        "teacher_batch_entropy"} as 0-d tensors (no host sync)."""
+        loss, teacher_probs = self._loss_and_targets(student_output, teacher_output, epoch)
+        with torch.no_grad():
+            entropy = -torch.special.xlogy(teacher_probs, teacher_probs).sum(dim=-1).mean()  # 0 log 0 = 0
+            mean_target = teacher_probs.mean(dim=0)
+            batch_entropy = -torch.special.xlogy(mean_target, mean_target).sum()
+        return loss, {"teacher_entropy": entropy, "teacher_student_kl": loss.detach() - entropy,
+                      "teacher_batch_entropy": batch_entropy}
+
+    def _loss_and_targets(self, student_output: torch.Tensor, teacher_output: torch.Tensor,
+                          epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L, the teacher's targets q ((2 * B, K))); updates the center."""
         student_log_probs = F.log_softmax(student_output.float() / self.student_temp, dim=-1)
         student_chunks = student_log_probs.chunk(self.ncrops)
         teacher_probs = F.softmax((teacher_output.float() - self.center) / self.teacher_temp(epoch), dim=-1)
@@ -84,15 +96,7 @@ class DINOLoss(nn.Module):
                 total = total + torch.sum(-target * log_probs, dim=-1).mean()
                 pairs += 1
         self.update_center(teacher_output)
-        loss = total / pairs
-        if not monitors:
-            return loss
-        with torch.no_grad():
-            entropy = -torch.special.xlogy(teacher_probs, teacher_probs).sum(dim=-1).mean()  # 0 log 0 = 0
-            mean_target = teacher_probs.mean(dim=0)
-            batch_entropy = -torch.special.xlogy(mean_target, mean_target).sum()
-            return loss, {"teacher_entropy": entropy, "teacher_student_kl": loss.detach() - entropy,
-                          "teacher_batch_entropy": batch_entropy}
+        return total / pairs, teacher_probs
 
     @torch.no_grad()
     def update_center(self, teacher_output: torch.Tensor) -> None:

@@ -1,4 +1,4 @@
-"""Weighted k-NN classification on frozen features (PROTOCOLS B1).
+"""Weighted k-NN classification on frozen features (docs/protocols.md, "k-NN").
 
 Shared by the training monitor (exact search with a matrix product, here)
 and the evaluator ``evaluate.knn`` (FAISS search), which reuses
@@ -17,10 +17,9 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from tqdm import tqdm
 
 from common.knn import knn_scores
+from common.progress import progress_bar
 
 
 def compute_features(model: nn.Module, images: torch.Tensor, device: str | torch.device = "cpu",
@@ -50,14 +49,15 @@ def extract_features(model: nn.Module, dataset, batch_size: int = 128, device: s
     was_training = model.training
     model.eval()
     features, labels = [], []
-    for images, targets in tqdm(loader, desc=progress, disable=progress is None, leave=False):
+    for images, targets in progress_bar(loader, desc=progress, disable=progress is None, leave=False):
         features.append(compute_features(model, images, device, feature_fn, autocast_dtype).cpu())
         labels.append(torch.as_tensor(targets))
     model.train(was_training)
     return torch.cat(features), torch.cat(labels).long()
 
 
-def make_knn_monitor(train_dataset, val_dataset, device, k: int = 20, batch_size: int = 128) -> Callable[[nn.Module], dict]:
+def make_knn_monitor(train_dataset, val_dataset, device, k: int = 20,
+                     batch_size: int = 128) -> Callable[[nn.Module], dict]:
     """A callable scoring a backbone's weighted 20-NN top-1 on (train, val)."""
     def monitor(backbone: nn.Module) -> dict:
         train_f, train_y = extract_features(backbone, train_dataset, batch_size, device)

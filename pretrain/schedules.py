@@ -1,4 +1,4 @@
-"""Per-iteration schedules of the DINO recipe (PROTOCOLS A6).
+"""Per-iteration schedules of the DINO recipe (docs/protocols.md, "Optimisation and schedules").
 
 ``cosine_schedule(base, final, epochs, iters_per_epoch, warmup_epochs, start)``
 returns an array of ``epochs * iters_per_epoch`` values: a linear warm-up

@@ -10,10 +10,10 @@ import json
 import os
 
 from common.errors import UserError, run_cli
+from common.transforms import eval_transform
 from data.imagefolder import ImageFolder, split_root
 
 from . import config as config_module
-from common.transforms import eval_transform
 from .distributed import init_distributed, main_process_lock
 from .monitor import make_knn_monitor
 from .trainer import Trainer

@@ -8,7 +8,7 @@ What DINO changes relative to timm's defaults:
 
 * Position embeddings are interpolated for any input whose sides are
   multiples of the patch size, exactly as the official code does it
-  (PROTOCOLS A1, E18): the (g, g) grid of patch embeddings is resized with
+  (docs/protocols.md, "Position-embedding interpolation"): the (g, g) grid of patch embeddings is resized with
   bicubic interpolation driven by ``scale_factor = ((h0 + 0.1) / g,
   (w0 + 0.1) / g)``, ``h0 = H // p`` rows and ``w0 = W // p`` columns. With a
   scale factor PyTorch maps output pixel ``i`` to source ``(i + .5) / s - .5``,

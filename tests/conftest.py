@@ -31,7 +31,7 @@ def cifar10_sample() -> Path:
 @pytest.fixture(scope="session")
 def tiny_suite(tmp_path_factory):
     """A small generated classification suite: 10 classes x 12 train / 4 val, 32 px."""
-    from data.suite import write_classification
+    from data.suite_classification import write_classification
     root = tmp_path_factory.mktemp("suite")
     write_classification(root, n_train_per_class=12, n_val_per_class=4, image_size=32, seed=0, progress=False)
     return root / "classification"

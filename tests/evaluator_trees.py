@@ -32,13 +32,14 @@ def save_tiny_checkpoint(path: Path, model: torch.nn.Module | None = None) -> Pa
 
 def write_tiny_suite(data: Path) -> Path:
     """Every part of the embedded suite at tiny sizes under ``data`` (a few seconds to write)."""
-    from data import suite, suite_copydays, suite_retrieval, suite_segmentation, suite_video
-    suite.write_classification(data, n_train_per_class=3, n_val_per_class=2, image_size=32, progress=False)
+    from data import suite_classification, suite_copydays, suite_davis, suite_retrieval, suite_voc
+    suite_classification.write_classification(data, n_train_per_class=3, n_val_per_class=2, image_size=32,
+                                              progress=False)
     suite_retrieval.write_retrieval(data, n_landmarks=2, n_views_per_landmark=4, n_queries_per_landmark=1,
                                     n_distractors=2, progress=False)
     suite_copydays.write_copydays(data, n_originals=3, n_distractors=2, n_whitening=6, progress=False)
-    suite_video.write_davis(data, n_val_sequences=1, n_train_sequences=0, n_frames=4, progress=False)
-    suite_segmentation.write_voc(data, n_val=3, n_train=0, progress=False)
+    suite_davis.write_davis(data, n_val_sequences=1, n_train_sequences=0, n_frames=4, progress=False)
+    suite_voc.write_voc(data, n_val=3, n_train=0, progress=False)
     return data
 
 

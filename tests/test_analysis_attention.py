@@ -4,15 +4,14 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from evaluator_trees import pattern_image, save_image, save_tiny_checkpoint, tiny_vit
+from figure_checks import assert_not_blank
 
 from analysis.attention import PNG_DPI, TILE_INCHES, attention_figure, attention_figures, main
 from analysis.figures import overlay, plt, save_figure, to_uint8
 from common.errors import UserError, run_cli
 from evaluate.attention_masks import AttentionMaps, attention_maps, prepare_pair
 from pretrain import build_backbone
-
-from evaluator_trees import pattern_image, save_image, save_tiny_checkpoint, tiny_vit
-from figure_checks import assert_not_blank
 
 
 def panels(fig, kind: str) -> list:

@@ -7,15 +7,22 @@ import PIL.Image
 import pytest
 import torch
 import torch.nn.functional as F
+from figure_checks import assert_not_blank
 
-from evaluate.knn import knn_datasets
-from analysis.embeddings import (embedding_figures, knn_crop_size, main, neighbour_marks,
-                                 neighbour_rows, split_features, stratified_subsample, tsne_coordinates)
+from analysis.embeddings import (
+    embedding_figures,
+    knn_crop_size,
+    main,
+    neighbour_marks,
+    neighbour_rows,
+    split_features,
+    stratified_subsample,
+    tsne_coordinates,
+)
 from analysis.figures import MARKS
 from common.errors import UserError, run_cli
 from evaluate.features import FeatureExtractor
-
-from figure_checks import assert_not_blank
+from evaluate.knn import knn_datasets
 
 COLOURS = {"blue": (20, 20, 220), "green": (20, 220, 20), "red": (220, 20, 20)}  # sorted: labels 0, 1, 2
 

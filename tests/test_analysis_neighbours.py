@@ -3,25 +3,39 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from evaluator_trees import (
+    pattern_image,
+    run_main,
+    save_image,
+    save_tiny_checkpoint,
+    tiny_vit,
+    write_copydays_tree,
+    write_revisitop_tree,
+)
+from figure_checks import assert_not_blank
 
 from analysis.figures import MARKS
-from analysis.neighbours import (BOX_COLOUR, copy_detection_cells, copy_detection_figures, copy_detection_rows,
-                                 retrieval_cells, retrieval_figures, retrieval_rows, retrieval_statuses)
+from analysis.neighbours import (
+    BOX_COLOUR,
+    copy_detection_cells,
+    copy_detection_figures,
+    copy_detection_rows,
+    retrieval_cells,
+    retrieval_figures,
+    retrieval_rows,
+    retrieval_statuses,
+)
 from analysis.neighbours import main as neighbours_main
 from analysis.propagation import grey, overlay_labels, propagation_figures, sequence_panels
 from analysis.propagation import main as propagation_main
+from common.errors import UserError
 from data.copydays import Copydays
 from data.davis import Davis, davis_palette, write_index_mask
-from common.errors import UserError
 from data.revisitop import QueryGroundTruth, RevisitopDataset
 from evaluate.copy_detection import run_copy_detection
 from evaluate.features import FeatureExtractor
 from evaluate.metrics import copy_detection_map, region_similarity, score_sequence
 from evaluate.retrieval import dataset_features, rank_database, retrieval_transform
-
-from evaluator_trees import (pattern_image, run_main, save_image, save_tiny_checkpoint, tiny_vit,
-                             write_copydays_tree, write_revisitop_tree)
-from figure_checks import assert_not_blank
 
 
 @pytest.fixture(scope="module")

@@ -5,15 +5,14 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from conftest import shared_data_dir
+from evaluator_trees import save_tiny_checkpoint, tiny_vit, write_voc_tree
 
 import evaluate.attention_masks as attention
 from common.errors import run_cli
 from data.index_masks import write_index_mask
 from evaluate.attention_masks import attention_maps, prepare_pair, run_attention_masks
 from pretrain import build_backbone
-
-from conftest import shared_data_dir
-from evaluator_trees import save_tiny_checkpoint, tiny_vit, write_voc_tree
 
 # 32 x 32 images, patch 8: a 4 x 4 grid, patch index = 4 * row + column.
 HEAD_0 = {0: 0.3, 1: 0.25, 4: 0.2, 5: 0.15}  # the rest (0.1) spread over the other 12 patches
@@ -141,8 +140,8 @@ def test_real_voc_sample():
 
 
 def test_generated_suite_end_to_end(tmp_path):
-    suite_segmentation = pytest.importorskip("data.suite_segmentation")
-    suite_segmentation.write_voc(tmp_path, n_val=4, n_train=0, progress=False)
+    suite_voc = pytest.importorskip("data.suite_voc")
+    suite_voc.write_voc(tmp_path, n_val=4, n_train=0, progress=False)
     model = tiny_vit()
     scores = run_attention_masks(model, tmp_path / "voc", image_size=96, num_workers=0, progress=False)
     assert 0 < scores["voc12_jaccard"] < 100

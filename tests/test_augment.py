@@ -6,8 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pretrain.augment import (IMAGENET_MEAN, IMAGENET_STD, MultiCropAugmentation, random_resized_crop_box,
-                              sample_rng)
+from pretrain.augment import IMAGENET_MEAN, IMAGENET_STD, MultiCropAugmentation, random_resized_crop_box, sample_rng
 from pretrain.sampler import ShardedSampler
 
 

@@ -5,13 +5,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from reference_vit import cls_feature, forward_all, layer_norm
 
 from common.errors import UserError
 from pretrain import build_backbone
 from pretrain.backbones import describe
 from pretrain.vision_transformer import interpolate_pos_embed
-
-from reference_vit import cls_feature, forward_all, layer_norm
 
 
 def small_vit(patch=16, seed=0):
@@ -72,7 +71,8 @@ def test_scale_factor_interpolation_differs_from_size_form():
     by_size = F.interpolate(grid, size=(30, 52), mode="bicubic").permute(0, 2, 3, 1).reshape(1, -1, 8)
     assert ours.shape == (1, 1 + 30 * 52, 8)
     assert torch.equal(ours[:, :1], table[:, :1])
-    assert not torch.allclose(ours[:, 1:], by_size, atol=1e-4)  # the form matters (PROTOCOLS E18)
+    assert not torch.allclose(ours[:, 1:], by_size, atol=1e-4)  # the form matters (docs/protocols.md,
+                                                                # "Position-embedding interpolation")
 
 
 @pytest.mark.parametrize("arch,dim,heads", [("vit_tiny", 192, 3), ("vit_small", 384, 6), ("vit_base", 768, 12)])

@@ -6,8 +6,8 @@ paths of `pretrain.batch_augment.crop_pipeline`.
 """
 
 import contextlib
-import json
 import io
+import json
 import os
 import signal
 import struct
@@ -288,9 +288,10 @@ def test_sixteen_bit_rgb_keeps_the_high_byte(tmp_path):
 
 
 def pretrain_over(folder: Path, out: Path, max_bad_fraction: float):
+    from tiny_runs import tiny_cfg
+
     from pretrain.distributed import DistInfo
     from pretrain.trainer import Trainer
-    from tiny_runs import tiny_cfg
     cfg = tiny_cfg(folder, out, epochs=1, batch_size_per_gpu=4, num_workers=1, max_image_pixels=FUZZ_MAX_PIXELS,
                    max_bad_fraction=max_bad_fraction, saveckp_freq=0)
     return Trainer(cfg, DistInfo()).fit()

@@ -11,21 +11,42 @@ import pytest
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageFilter, ImageOps
+from test_trainer import TINY, assert_same_training_state, cli_args, tiny_cfg
 
 from bench.augment_throughput import photo_like
 from common.errors import UserError, run_cli
 from data.imagefolder import ImageFolder
-from data.suite import render_object_image
-from pretrain.augment import (IMAGENET_STD, DecodedCropDataset, MultiCropAugmentation, collate_decoded, pack_params,
-                              random_resized_crop_box, rotate_hue_yiq, sample_rng)
-from pretrain.batch_augment import (FRESH, BatchMultiCrop, Scratch, color_jitter, gaussian_blur, luma, on_rows,
-                                    padded_groups, resize_crops, rotate_hue, solarize, source_planes, to_gray)
+from data.suite_classification import render_object_image
+from pretrain.augment import (
+    IMAGENET_STD,
+    DecodedCropDataset,
+    MultiCropAugmentation,
+    collate_decoded,
+    pack_params,
+    random_resized_crop_box,
+    rotate_hue_yiq,
+    sample_rng,
+)
+from pretrain.batch_augment import (
+    FRESH,
+    BatchMultiCrop,
+    Scratch,
+    color_jitter,
+    gaussian_blur,
+    luma,
+    on_rows,
+    padded_groups,
+    resize_crops,
+    rotate_hue,
+    solarize,
+    source_planes,
+    to_gray,
+)
 from pretrain.checkpoint import safe_load
 from pretrain.distributed import DistInfo
 from pretrain.sampler import ShardedSampler
 from pretrain.train import main as train_main
 from pretrain.trainer import Trainer
-from test_trainer import TINY, assert_same_training_state, cli_args, tiny_cfg
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]  # cuda: skipped without a GPU (conftest)
 PIL_ADJUST = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
@@ -129,7 +150,8 @@ def test_hue_rotation_in_float():
     third = rotate_hue(primaries.clone(), torch.full((3,), 1 / 3))
     assert torch.allclose(third, primaries.roll(1, 1), atol=1e-6)  # red -> green -> blue -> red
     x = torch.rand(4, 3, 16, 16)
-    back = rotate_hue(rotate_hue(x.clone(), torch.tensor([0.1, -0.2, 0.45, 0.0])), torch.tensor([-0.1, 0.2, -0.45, 0.0]))
+    back = rotate_hue(rotate_hue(x.clone(), torch.tensor([0.1, -0.2, 0.45, 0.0])),
+                      torch.tensor([-0.1, 0.2, -0.45, 0.0]))
     assert torch.allclose(back, x, atol=1e-5)
     gray = torch.rand(2, 1, 8, 8).expand(2, 3, 8, 8)
     assert torch.allclose(rotate_hue(gray.contiguous(), torch.tensor([0.3, -0.4])), gray)  # no chroma, no change
@@ -438,7 +460,12 @@ def test_trainer_batches_agree_between_paths(tiny_suite, tmp_path):
 
 def test_augment_on_flag(tiny_suite, tmp_path, capsys):
     base = {**TINY, "data": tiny_suite / "train", "output_dir": tmp_path / "out", "epochs": 1, "max_steps": 1}
-    assert run_cli(train_main, ["--preset", "vanilla", *cli_args({**base, "augment_on": "gpu"})]) == 2
-    assert "unknown --augment-on 'gpu'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:  # outside the flag's choices: refused at parse time
+        run_cli(train_main, ["--preset", "vanilla", *cli_args({**base, "augment_on": "gpu"})])
+    assert refused.value.code == 2
+    assert "argument --augment-on: invalid choice: 'gpu' (choose from 'auto', 'loader', 'device')" in \
+        capsys.readouterr().err
+    with pytest.raises(UserError, match="--augment-on 'gpu' is not one of auto, loader, device"):
+        tiny_cfg(tiny_suite / "train", tmp_path / "out", augment_on="gpu")  # the config checks it too
     assert run_cli(train_main, ["--preset", "vanilla", *cli_args({**base, "augment_on": "device"})]) == 0
     assert safe_load(tmp_path / "out" / "checkpoint.pth")["args"]["augment_on"] == "device"

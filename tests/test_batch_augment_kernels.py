@@ -13,8 +13,19 @@ import torch
 
 import pretrain.batch_augment as ba
 from pretrain.augment import random_resized_crop_box
-from pretrain.batch_augment import (FRESH, Scratch, box_blur_kernels, box_half_widths, crop_taps, gaussian_blur,
-                                    on_rows, resample_taps, resize_crops, rotate_hue, source_planes)
+from pretrain.batch_augment import (
+    FRESH,
+    Scratch,
+    box_blur_kernels,
+    box_half_widths,
+    crop_taps,
+    gaussian_blur,
+    on_rows,
+    resample_taps,
+    resize_crops,
+    rotate_hue,
+    source_planes,
+)
 
 CPU = torch.device("cpu")
 

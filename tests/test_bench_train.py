@@ -5,7 +5,7 @@ import tempfile
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import pretrain.trainer as trainer_module
+import pretrain.dino as dino_module
 from bench import train_throughput as bench
 from pretrain.backbones import build_backbone
 from pretrain.head import DINOHead, MultiCropWrapper
@@ -26,23 +26,23 @@ def two_steps(variant: str):
         # Adam divides by sqrt(v) + eps: with eps 1e-8, the gradients whose true value is 0 (the key bias:
         # softmax ignores a per-row shift) are rounding noise scaled up to +-lr; a larger eps keeps the
         # update a smooth function of the gradient, so that two equal computations give equal weights
-        for group in trainer.optimizer.param_groups:
+        for group in trainer.model.optimizer.param_groups:
             group["eps"] = 1e-3
         torch.manual_seed(2)
         with bench.variant_context(trainer, variant):
-            losses = [trainer.train_step(crops, epoch=1, it=it) for it in range(2)]
-        fused = [layer.fused_attn for layer in bench.attention_layers(trainer.student, trainer.teacher)]
-        grads = {name: param.grad for name, param in trainer.student.named_parameters() if param.grad is not None}
-        return (torch.stack(losses), trainer.student.state_dict(), trainer.teacher.state_dict(), grads,
-                fused, [group["foreach"] for group in trainer.optimizer.param_groups])
+            losses = [trainer.train_step(crops, epoch=1, it=it).loss for it in range(2)]
+        fused = [layer.fused_attn for layer in bench.attention_layers(trainer.model.student, trainer.model.teacher)]
+        grads = {name: param.grad for name, param in trainer.model.student.named_parameters() if param.grad is not None}
+        return (torch.stack(losses), trainer.model.student.state_dict(), trainer.model.teacher.state_dict(), grads,
+                fused, [group["foreach"] for group in trainer.model.optimizer.param_groups])
 
 
 def test_baseline_and_ours_compute_the_same_step(tmp_path):
-    ema, clip = trainer_module.ema_update, trainer_module.clip_gradients_per_parameter
+    ema, clip = dino_module.ema_update, dino_module.clip_gradients_per_parameter
     base_loss, base_student, base_teacher, base_grads, base_fused, base_foreach = two_steps("baseline")
     ours_loss, ours_student, ours_teacher, ours_grads, ours_fused, _ = two_steps("ours")
     # the baseline's swaps are undone when it ends
-    assert (trainer_module.ema_update, trainer_module.clip_gradients_per_parameter) == (ema, clip)
+    assert (dino_module.ema_update, dino_module.clip_gradients_per_parameter) == (ema, clip)
     assert base_fused == ours_fused and all(ours_fused) and len(ours_fused) == 2 * TINY["depth"]
     assert base_foreach == [None, None]
 
@@ -55,7 +55,7 @@ def test_baseline_and_ours_compute_the_same_step(tmp_path):
         torch.testing.assert_close(base_student[name], ours_student[name], rtol=1e-5, atol=1e-6, msg=name)
         torch.testing.assert_close(base_teacher[name], ours_teacher[name], rtol=1e-5, atol=1e-6, msg=name)
     # the steps did move the weights (lr 5e-4): equal because computed alike, not because untouched
-    initial = bench.bench_trainer(str(tmp_path), CPU, 4, **TINY).student.state_dict()
+    initial = bench.bench_trainer(str(tmp_path), CPU, 4, **TINY).model.student.state_dict()
     moved = (ours_student["backbone.blocks.0.attn.qkv.weight"] - initial["backbone.blocks.0.attn.qkv.weight"])
     assert moved.abs().max() > 1e-4
 
@@ -64,17 +64,17 @@ def test_baseline_path_is_the_official_one_inside_the_context():
     with tempfile.TemporaryDirectory() as tmp:
         trainer = bench.bench_trainer(tmp, CPU, 2, **TINY)
         with bench.official_choices(trainer):
-            layers = bench.attention_layers(trainer.student, trainer.teacher)
+            layers = bench.attention_layers(trainer.model.student, trainer.model.teacher)
             assert layers and not any(layer.fused_attn for layer in layers)
             assert all(group["foreach"] is False and group["fused"] is False
-                       for group in trainer.optimizer.param_groups)
-            assert trainer_module.ema_update is bench.ema_per_parameter
-            assert trainer_module.clip_gradients_per_parameter is bench.clip_per_parameter
-            last_layers = [trainer.student.head.last_layer, trainer.teacher.head.last_layer]
+                       for group in trainer.model.optimizer.param_groups)
+            assert dino_module.ema_update is bench.ema_per_parameter
+            assert dino_module.clip_gradients_per_parameter is bench.clip_per_parameter
+            last_layers = [trainer.model.student.head.last_layer, trainer.model.teacher.head.last_layer]
             assert all(layer.forward.__func__ is bench.weight_side_forward for layer in last_layers)
         assert all(layer.fused_attn for layer in layers)
         assert all("forward" not in vars(layer) for layer in last_layers)  # ours: the class's output-side form
-        assert all(group["fused"] for group in trainer.optimizer.param_groups)  # ours: fused AdamW
+        assert all(group["fused"] for group in trainer.model.optimizer.param_groups)  # ours: fused AdamW
 
 
 def hand_vit_forward_flops(side, patch, dim, depth, heads, batch):
@@ -131,7 +131,8 @@ def test_main_prints_both_rows_and_the_ratio(capsys):
     for variant in ("baseline", "ours"):
         assert re.search(rf"^{variant}\s+float32" + 7 * number + r"\s*$", out, re.M), out
     assert re.search(r"^ours / baseline: \d+\.\d\dx images/s", out, re.M), out
-    assert re.search(r"^the step's own matmuls \(\d+ mm/addmm/bmm calls of \d+ shapes.*float32 [\d.]+ GFLOP/s", out, re.M)
+    assert re.search(r"^the step's own matmuls \(\d+ mm/addmm/bmm calls of \d+ shapes.*float32 [\d.]+ GFLOP/s",
+                     out, re.M)
     assert "GFLOP/img counted on one step" in out and "matmul peak (float32 2048^3" in out
     assert torch.get_num_threads() == threads
 
@@ -205,7 +206,8 @@ def test_recorded_matmul_shapes_are_the_counted_matmuls_and_replay():
         trainer = bench.bench_trainer(tmp, CPU, 2, **TINY)
         crops = bench.random_crops(trainer, 2)
         shapes = bench.MatmulShapes()
-        with bench.explicit_attention(trainer.student, trainer.teacher), FlopCounterMode(display=False) as counter, \
+        with bench.explicit_attention(trainer.model.student, trainer.model.teacher), \
+                FlopCounterMode(display=False) as counter, \
                 shapes:
             trainer.train_step(crops, epoch=1, it=0)
     by_op = {str(op): flops for op, flops in counter.get_flop_counts()["Global"].items()}

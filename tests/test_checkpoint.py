@@ -11,15 +11,14 @@ from pathlib import Path
 
 import pytest
 import timm
-import torchvision
 import torch
+import torchvision
+from reference_vit import cls_feature
 
 from common.errors import UserError
 from pretrain import build_backbone, load_backbone
 from pretrain.checkpoint import atomic_save, safe_load
 from pretrain.checkpoint_files import load_training_checkpoint, save_training_checkpoint
-
-from reference_vit import cls_feature
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,6 +56,7 @@ def test_official_training_checkpoint_loads_exactly(tmp_path):
             "student": {**{"module.backbone." + k: v for k, v in student.items()}, **head_state("module.")},
             "epoch": 3, "dino_loss": {"center": torch.zeros(1, 4)}}
     import argparse
+
     import numpy as np
     ckpt["args"] = argparse.Namespace(arch="vit_small", lr=np.float64(5e-4))  # as the official code saves it
     path = tmp_path / "checkpoint.pth"
@@ -211,6 +211,7 @@ def test_atomic_write_text_replaces_whole_file(tmp_path):
 def test_numpy_scalars_and_namespace_keep_their_values(tmp_path, zip_format):
     # official checkpoints hold numpy scalars (schedule values in the optimizer, args); they go through stand-ins
     import argparse
+
     import numpy as np
     values = {"lr": np.float64(5e-4), "wd": np.float32(0.04), "half": np.float16(1.5), "step": np.int64(-7),
               "small": np.uint8(200), "flag": np.bool_(True), "phase": np.complex128(1 - 2j),

@@ -6,16 +6,21 @@ import PIL.Image
 import PIL.ImageOps
 import pytest
 import torch
+from evaluator_trees import (
+    files_under,
+    pattern_image,
+    run_main,
+    save_image,
+    save_tiny_checkpoint,
+    tiny_vit,
+    write_copydays_tree,
+)
 
 from data.copydays import Copydays
-from evaluate.copy_detection import (COPY_DETECTION_SPEC, copy_detection_transform, main, run_copy_detection,
-                                     top_matches)
+from evaluate.copy_detection import COPY_DETECTION_SPEC, copy_detection_transform, main, run_copy_detection, top_matches
 from evaluate.descriptors import fit_pca_whitening
 from evaluate.features import FeatureExtractor, ImageList
 from evaluate.metrics import copy_detection_block_maps
-
-from evaluator_trees import (files_under, pattern_image, run_main, save_image, save_tiny_checkpoint, tiny_vit,
-                             write_copydays_tree)
 
 
 def extractor_for(tmp_path, cache=True):
@@ -66,7 +71,8 @@ def test_whitening_and_distractors_follow_the_protocol(tmp_path):
         return plain(ImageList(paths, copy_detection_transform(32)), COPY_DETECTION_SPEC)[0]
 
     whitening = fit_pca_whitening(descriptors(copydays.whitening_paths))
-    database, queries = whitening.apply(descriptors(copydays.database_paths)), whitening.apply(descriptors(copydays.query_paths))
+    database, queries = whitening.apply(descriptors(copydays.database_paths)), \
+        whitening.apply(descriptors(copydays.query_paths))
     retrieved = top_matches(database, queries)
     positives = [p for block in copydays.query_blocks for p in block.positives]
     blocks = [(block.name, len(block.paths)) for block in copydays.query_blocks]

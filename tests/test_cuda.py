@@ -9,12 +9,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from tiny_runs import free_port, tiny_cfg
 
 from pretrain import build_backbone
 from pretrain.distributed import DistInfo
 from pretrain.trainer import Trainer
-
-from tiny_runs import free_port, tiny_cfg
 
 pytestmark = pytest.mark.cuda
 CUDA = torch.device("cuda")
@@ -24,9 +23,9 @@ def one_step(cfg, crops) -> tuple[float, torch.Tensor]:
     """(loss, the student's flattened weight change) of one step of a fresh trainer on ``crops``."""
     torch.manual_seed(0)
     trainer = Trainer(cfg, DistInfo(device=CUDA))
-    before = torch.cat([p.detach().flatten().clone() for p in trainer.student.parameters()])
-    loss = trainer.train_step([crop.clone() for crop in crops], epoch=1, it=5).item()
-    after = torch.cat([p.detach().flatten() for p in trainer.student.parameters()])
+    before = torch.cat([p.detach().flatten().clone() for p in trainer.model.student.parameters()])
+    loss = trainer.train_step([crop.clone() for crop in crops], epoch=1, it=5).loss.item()
+    after = torch.cat([p.detach().flatten() for p in trainer.model.student.parameters()])
     return loss, (after - before).float()
 
 
@@ -81,7 +80,7 @@ def test_syncbatchnorm_and_ddp_under_a_one_process_nccl_group(tiny_suite, tmp_pa
         record = trainer.setup_record()
         assert record["distributed"] and record["ddp_student"] and record["ddp_teacher"]
         assert record["sync_batchnorm_layers"] == 2  # the head's two hidden BatchNorms
-        assert sum(isinstance(m, torch.nn.SyncBatchNorm) for m in trainer.teacher.modules()) == 2
+        assert sum(isinstance(m, torch.nn.SyncBatchNorm) for m in trainer.model.teacher.modules()) == 2
         summary = trainer.fit()
         assert summary["iterations"] == 2
         from pretrain.checkpoint import safe_load

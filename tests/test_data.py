@@ -7,15 +7,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import cifar10_sample
 from PIL import Image
 
-from data import suite
 from common.errors import UserError, one_line_message, run_cli
-from data import imagefolder
-from data.imagefolder import (IMAGE_EXTENSIONS, BadImageError, ImageFolder, check_bad_fraction, load_rgb,
-                              read_bad_log, split_root)
-
-from conftest import cifar10_sample
+from data import imagefolder, suite, suite_classification
+from data.imagefolder import (
+    IMAGE_EXTENSIONS,
+    BadImageError,
+    ImageFolder,
+    check_bad_fraction,
+    load_rgb,
+    read_bad_log,
+    split_root,
+)
 
 
 def _save_image(path: Path, colour=(10, 20, 30), size=(4, 4), mode="RGB") -> Path:
@@ -423,7 +428,8 @@ def _files_bytes(folder: Path) -> dict:
 def generated_suite(tmp_path_factory):
     """A 50-per-class train / 20-per-class val suite at 32 px, written once for several tests."""
     root = tmp_path_factory.mktemp("suite")
-    parameters = suite.write_classification(root, n_train_per_class=50, n_val_per_class=20, progress=False)
+    parameters = suite_classification.write_classification(root, n_train_per_class=50, n_val_per_class=20,
+                                                           progress=False)
     return root, parameters
 
 
@@ -432,12 +438,13 @@ def test_suite_layout_counts_and_manifest(generated_suite):
     assert sorted(os.listdir(root)) == ["classification"]  # no temp folder left behind
     folder = root / "classification"
     assert json.loads((folder / "SUITE.json").read_text()) == parameters
-    assert parameters["class_names"] == list(suite.CLASS_NAMES) and len(suite.CLASS_NAMES) == 10
+    class_names = suite_classification.CLASS_NAMES
+    assert parameters["class_names"] == list(class_names) and len(class_names) == 10
     assert (parameters["seed"], parameters["image_size"], parameters["num_images"]) == (0, 32, 700)
 
     train_root, val_root = split_root(folder)
     train, val = ImageFolder(train_root), ImageFolder(val_root)
-    assert train.classes == val.classes == sorted(suite.CLASS_NAMES)
+    assert train.classes == val.classes == sorted(suite_classification.CLASS_NAMES)
     assert np.bincount(train.targets).tolist() == [50] * 10
     assert np.bincount(val.targets).tolist() == [20] * 10
     assert os.path.basename(train.samples[0][0]) == "0000.png"
@@ -463,9 +470,9 @@ def test_suite_classes_are_not_separable_by_mean_colour(generated_suite):
 
 def test_suite_is_deterministic_per_seed(tmp_path):
     small = dict(n_train_per_class=2, n_val_per_class=1, image_size=16, progress=False)
-    suite.write_classification(tmp_path / "a", seed=0, **small)
-    suite.write_classification(tmp_path / "b", seed=0, **small)
-    suite.write_classification(tmp_path / "c", seed=1, **small)
+    suite_classification.write_classification(tmp_path / "a", seed=0, **small)
+    suite_classification.write_classification(tmp_path / "b", seed=0, **small)
+    suite_classification.write_classification(tmp_path / "c", seed=1, **small)
     first, again, other = (_files_bytes(tmp_path / name / "classification") for name in "abc")
 
     assert len(first) == 10 * 3 + 1
@@ -476,7 +483,8 @@ def test_suite_is_deterministic_per_seed(tmp_path):
 
 
 def test_suite_images_of_one_class_differ_and_object_stays_inside():
-    images, masks = zip(*(suite.render_object_image(suite.image_rng(0, "train", 3, i), 3, 32) for i in range(8)))
+    render, image_rng = suite_classification.render_object_image, suite_classification.image_rng
+    images, masks = zip(*(render(image_rng(0, "train", 3, i), 3, 32) for i in range(8)))
     pixels = [np.asarray(image) for image in images]
     assert all(not np.array_equal(pixels[0], other) for other in pixels[1:])
     mean_colours = np.array([p.reshape(-1, 3).mean(axis=0) for p in pixels])
@@ -492,7 +500,8 @@ def test_suite_images_of_one_class_differ_and_object_stays_inside():
 def test_suite_object_contrasts_with_background():
     luminance = np.array([0.299, 0.587, 0.114])
     for index in range(30):
-        image, mask = suite.render_object_image(suite.image_rng(5, "val", index % 10, index), index % 10, 32)
+        rng = suite_classification.image_rng(5, "val", index % 10, index)
+        image, mask = suite_classification.render_object_image(rng, index % 10, 32)
         brightness = np.asarray(image, dtype=np.float64) @ luminance
         # the object's first tone (its sampled colour) keeps the contrast; the
         # texture's second tone may sit closer to the background
@@ -504,16 +513,16 @@ def test_suite_object_contrasts_with_background():
 
 def test_suite_skips_when_manifest_matches_and_regenerates_otherwise(tmp_path):
     small = dict(n_train_per_class=1, n_val_per_class=1, image_size=16, progress=False)
-    suite.write_classification(tmp_path, **small)
+    suite_classification.write_classification(tmp_path, **small)
     marker = tmp_path / "classification" / "marker"
     marker.write_text("left by the test")
 
-    assert suite.write_classification(tmp_path, **small)["n_train_per_class"] == 1
+    assert suite_classification.write_classification(tmp_path, **small)["n_train_per_class"] == 1
     assert marker.exists()  # identical SUITE.json: nothing rewritten
-    suite.write_classification(tmp_path, force=True, **small)
+    suite_classification.write_classification(tmp_path, force=True, **small)
     assert not marker.exists()
     marker.write_text("again")
-    suite.write_classification(tmp_path, **dict(small, n_train_per_class=2))
+    suite_classification.write_classification(tmp_path, **dict(small, n_train_per_class=2))
     assert not marker.exists()
     assert len(list((tmp_path / "classification" / "train" / "circle").iterdir())) == 2
     assert sorted(os.listdir(tmp_path)) == ["classification"]
@@ -521,9 +530,9 @@ def test_suite_skips_when_manifest_matches_and_regenerates_otherwise(tmp_path):
 
 def test_interrupted_generation_keeps_previous_suite_and_no_temp_folder(tmp_path, monkeypatch):
     small = dict(n_train_per_class=1, n_val_per_class=1, image_size=16, progress=False)
-    suite.write_classification(tmp_path, **small)
+    suite_classification.write_classification(tmp_path, **small)
     before = _files_bytes(tmp_path / "classification")
-    render = suite.render_object_image
+    render = suite_classification.render_object_image
     calls = []
 
     def interrupt_after_three(*args):
@@ -532,9 +541,9 @@ def test_interrupted_generation_keeps_previous_suite_and_no_temp_folder(tmp_path
             raise KeyboardInterrupt
         return render(*args)
 
-    monkeypatch.setattr(suite, "render_object_image", interrupt_after_three)
+    monkeypatch.setattr(suite_classification, "render_object_image", interrupt_after_three)
     with pytest.raises(KeyboardInterrupt):
-        suite.write_classification(tmp_path, force=True, **small)
+        suite_classification.write_classification(tmp_path, force=True, **small)
     assert sorted(os.listdir(tmp_path)) == ["classification"]
     assert _files_bytes(tmp_path / "classification") == before
 

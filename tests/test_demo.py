@@ -1,8 +1,6 @@
 """make demo's run folder (resume or start over) and the README table built from demo runs."""
 import json
 
-import pytest
-
 from common.errors import run_cli
 from evaluate import demo, demo_table
 from evaluate.emergence import RANDOM_TWIN, STUDENT, TEACHER

@@ -18,7 +18,7 @@ from common.errors import UserError
 from data.imagefolder import BadImageError, ImageFolder, load_rgb, read_bad_log, read_encoded
 from pretrain.augment import DecodedCropDataset, MultiCropAugmentation, collate_decoded
 from pretrain.batch_augment import BatchMultiCrop, crop_pipeline, resolve_pipeline
-from pretrain.device_decode import (DecodeThenCrop, EncodedCropDataset, collate_encoded, decode_jpegs)
+from pretrain.device_decode import DecodeThenCrop, EncodedCropDataset, collate_encoded, decode_jpegs
 from pretrain.distributed import DistInfo
 from pretrain.sampler import ShardedSampler
 from pretrain.trainer import Trainer
@@ -208,7 +208,7 @@ def test_trainer_with_device_decode_equals_worker_decode(mixed_folder, tmp_path)
         trainer = Trainer(cfg, DistInfo())
         assert (trainer.augment_on, trainer.decode_on) == ("device", decode_on)
         trainer.fit()
-        states[decode_on] = {k: v.clone() for k, v in trainer.teacher.state_dict().items()}
+        states[decode_on] = {k: v.clone() for k, v in trainer.model.teacher.state_dict().items()}
     for name, value in states["loader"].items():
         assert torch.equal(value, states["device"][name]), name
 

@@ -6,18 +6,26 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from evaluator_trees import save_tiny_checkpoint, tiny_vit, write_tiny_suite, write_voc_tree
 
 from common.errors import UserError, run_cli
 from evaluate import demo, emergence
-from evaluate.emergence import (RANDOM_TWIN, ROWS, STUDENT, TEACHER, diagnose, feature_geometry, format_diagnoses,
-                                object_attention_share, patch_object_fractions)
-from evaluate.eval_all import load_subject
+from evaluate.emergence import (
+    RANDOM_TWIN,
+    ROWS,
+    STUDENT,
+    TEACHER,
+    diagnose,
+    feature_geometry,
+    format_diagnoses,
+    object_attention_share,
+    patch_object_fractions,
+)
 from evaluate.features import FeatureExtractor, FeatureSpec
 from evaluate.knn import knn_datasets, run_knn
+from evaluate.model_source import load_model_source
 from pretrain.backbones import describe
 from pretrain.checkpoint import atomic_save, load_backbone_with_args, safe_load
-
-from evaluator_trees import save_tiny_checkpoint, tiny_vit, write_tiny_suite, write_voc_tree
 
 
 # ---------------------------------------------------------------- feature geometry
@@ -260,7 +268,7 @@ def test_demo_diagnoses_the_twin_the_teacher_and_the_student(tiny_suite_and_chec
     checkpoint = save_teacher_student_checkpoint(tmp_path / "runs" / "pair" / "checkpoint.pth")
     diagnoses, failed = demo.emergence_of_run(checkpoint, data, tmp_path / "results", seed=0)
     assert failed == [] and list(diagnoses) == [RANDOM_TWIN, TEACHER, STUDENT]
-    assert_diagnosis_of(diagnoses[RANDOM_TWIN], load_subject(None, random_like=str(checkpoint), seed=0).model, data)
+    assert_diagnosis_of(diagnoses[RANDOM_TWIN], load_model_source(random_like=str(checkpoint), seed=0).model, data)
     assert_diagnosis_of(diagnoses[TEACHER], tiny_vit(0), data)
     assert_diagnosis_of(diagnoses[STUDENT], tiny_vit(1), data)
     assert diagnoses[TEACHER]["per_head_object_share"] != diagnoses[STUDENT]["per_head_object_share"]

@@ -6,9 +6,11 @@ import shutil
 
 import pytest
 import torch
+from evaluator_trees import save_tiny_checkpoint, tiny_vit, write_tiny_suite
 
 from common.errors import run_cli
-from evaluate import eval_all, results_table as rt
+from evaluate import eval_all
+from evaluate import results_table as rt
 from evaluate.attention_masks import run_attention_masks
 from evaluate.copy_detection import run_copy_detection
 from evaluate.demo import DINO, RANDOM, comparison, format_comparison
@@ -18,8 +20,6 @@ from evaluate.linear import run_linear
 from evaluate.retrieval import run_retrieval
 from evaluate.video_segmentation import PropagationOptions, run_video_segmentation
 from pretrain.checkpoint import load_backbone, load_backbone_with_args
-
-from evaluator_trees import save_tiny_checkpoint, tiny_vit, write_tiny_suite
 
 LINEAR_EPOCHS = 3
 RUNNER_FUNCTIONS = ("run_knn", "run_linear", "run_retrieval", "run_copy_detection", "run_video_segmentation",
@@ -124,7 +124,8 @@ def test_rerun_skips_and_force_recomputes(tiny_root, first_run, monkeypatch, cap
     calls = []
     for name in ("run_knn", "run_video_segmentation"):
         real = getattr(eval_all, name)
-        monkeypatch.setattr(eval_all, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+        monkeypatch.setattr(eval_all, name,
+                            lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
     status, out, _ = run_eval_all(capsys, "--ckpt", checkpoint, "--data-root", data, "--out", first_run, "--force",
                                   "--only", "knn", "davis")
     assert status == 0 and calls == ["run_knn", "run_video_segmentation"] and "skipped" not in out

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_runs import REPO, TINY, step_records, subprocess_env, tiny_cfg, train_command
 
 from common.errors import UserError
 from pretrain.checkpoint import safe_load
@@ -18,8 +19,6 @@ from pretrain.checkpoint_files import load_training_checkpoint
 from pretrain.distributed import DistInfo
 from pretrain.run_log import CollapseWatch, RunLog
 from pretrain.trainer import Trainer
-
-from tiny_runs import REPO, TINY, step_records, subprocess_env, tiny_cfg, train_command
 
 # 2 epochs of 15 steps, a checkpoint after every step, drop-path on (so the RNG state matters on resume)
 KILL_RUN = dict(TINY, drop_path_rate=0.1, save_every_steps=1, saveckp_freq=0)
@@ -173,14 +172,12 @@ def test_divergence_mid_epoch_keeps_the_last_good_checkpoint(tiny_suite, tmp_pat
     out = tmp_path / "run"
     cfg = tiny_cfg(tiny_suite / "train", out, log_every_steps=4, save_every_steps=4, saveckp_freq=0)
     trainer = Trainer(cfg, DistInfo())
-    forward = trainer.loss_fn.forward
+    loss_and_targets = trainer.model.loss_fn._loss_and_targets  # what forward and with_monitors both use
 
-    def diverge_at_step_6(student_output, teacher_output, epoch, monitors=False):
-        result = forward(student_output, teacher_output, epoch, monitors=monitors)
-        if trainer.iteration == 5:  # the 6th step
-            return (result[0] * float("inf"), result[1]) if monitors else result * float("inf")
-        return result
-    monkeypatch.setattr(trainer.loss_fn, "forward", diverge_at_step_6)
+    def diverge_at_step_6(student_output, teacher_output, epoch):
+        loss, targets = loss_and_targets(student_output, teacher_output, epoch)
+        return (loss * float("inf"), targets) if trainer.iteration == 5 else (loss, targets)  # the 6th step
+    monkeypatch.setattr(trainer.model.loss_fn, "_loss_and_targets", diverge_at_step_6)
     with pytest.raises(UserError, match=r"not finite \(NaN or inf\) at iteration 5: .* was saved before it"):
         trainer.fit()
     saved = safe_load(out / "checkpoint.pth")

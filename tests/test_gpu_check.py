@@ -7,12 +7,11 @@ import sys
 
 import pytest
 import torch
+from tiny_runs import REPO
 
 from bench import gpu_check
 from bench.gpu_check import Step, run_steps
 from common.errors import run_cli
-
-from tiny_runs import REPO
 
 
 def test_make_gpu_check_dry_runs_every_step_and_prints_the_table_last(tmp_path):

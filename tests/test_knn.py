@@ -1,16 +1,19 @@
-"""Weighted k-NN: a hand-computed case, FAISS against brute force, real CIFAR-10."""
+"""Weighted k-NN: a hand-computed case, FAISS against brute force, real CIFAR-10, the command's shared flags."""
+import json
 import math
 
 import numpy as np
 import pytest
 import torch
+from conftest import cifar10_sample
+from evaluator_trees import files_under, run_main, save_tiny_checkpoint
 
+from common.knn import exact_neighbours, knn_scores, weighted_vote
+from common.transforms import eval_transform
 from data.imagefolder import ImageFolder, split_root
 from evaluate.knn import faiss_neighbours, run_knn
-from common.transforms import eval_transform
-from common.knn import exact_neighbours, knn_scores, weighted_vote
-
-from conftest import cifar10_sample
+from evaluate.knn import main as knn_main
+from pretrain import load_backbone
 
 
 def test_hand_computed_vote():
@@ -74,3 +77,41 @@ def test_knn_on_real_cifar10_sample():
     top1, top5 = results[20]
     # raw-pixel 20-NN on 10 classes x 20 images is weak but above chance (10%)
     assert 12.0 < top1 < 60.0 and top5 > top1
+
+
+def test_knn_command_takes_the_shared_extraction_flags(tiny_suite, tmp_path, monkeypatch, capsys):
+    """--cache-dir writes the train and val features there and re-runs read them; --no-cache writes nothing;
+    --fp32 runs (on the CPU it is the default precision, so it hits the same cache); the default cache is
+    results/<run>/features."""
+    monkeypatch.chdir(tmp_path)  # the default cache folder is relative
+    checkpoint = save_tiny_checkpoint(tmp_path / "runs" / "tiny" / "checkpoint.pth")
+    common = ["--ckpt", checkpoint, "--data", tiny_suite, "--ks", 5, 20, "--num-workers", 0, "--no-progress",
+              "--device", "cpu", "--json", tmp_path / "knn.json"]
+    expected = run_knn(load_backbone(checkpoint), str(tiny_suite), 32, ks=(5, 20), num_workers=0)
+
+    def scores():
+        return {int(k): (v["top1"], v["top5"]) for k, v in json.loads((tmp_path / "knn.json").read_text()).items()}
+
+    status, _ = run_main(knn_main, [*common, "--no-cache", "--cache-dir", tmp_path / "unused"], capsys)
+    assert status == 0 and scores() == expected
+    assert files_under(tmp_path / "unused") == [] and not (tmp_path / "results").exists()
+
+    status, _ = run_main(knn_main, [*common, "--cache-dir", tmp_path / "cache"], capsys)
+    assert status == 0 and scores() == expected
+    cached = {path: path.stat().st_mtime_ns for path in files_under(tmp_path / "cache")}
+    assert sorted(path.name.split("-")[0] for path in cached) == ["train", "val"]
+    assert not (tmp_path / "results").exists()
+
+    status, _ = run_main(knn_main, [*common, "--cache-dir", tmp_path / "cache", "--fp32"], capsys)
+    assert status == 0 and scores() == expected
+    assert {path: path.stat().st_mtime_ns for path in files_under(tmp_path / "cache")} == cached  # read back
+
+    status, _ = run_main(knn_main, common, capsys)
+    assert status == 0 and scores() == expected
+    assert len(files_under(tmp_path / "results" / "tiny" / "features")) == 2
+
+
+def test_knn_command_refuses_a_bad_flag_value_at_parse_time(capsys):
+    with pytest.raises(SystemExit):
+        knn_main(["--data", "d", "--ckpt", "c.pth", "--key", "momentum"])
+    assert "invalid choice: 'momentum' (choose from 'teacher', 'student')" in capsys.readouterr().err

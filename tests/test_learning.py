@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from data.suite import write_classification
-from evaluate.eval_all import load_subject
+from data.suite_classification import write_classification
 from evaluate.knn import run_knn
+from evaluate.model_source import load_model_source
 from pretrain.config import resolve
 from pretrain.distributed import DistInfo
 from pretrain.trainer import Trainer
@@ -46,7 +46,7 @@ def test_demo_preset_teacher_beats_its_random_twin_on_knn(tmp_path):
 
     top1 = {}
     for name, ckpt, random_like in (("teacher", checkpoint, None), ("random twin", None, checkpoint)):
-        subject = load_subject(ckpt, random_like=random_like, seed=0)
+        subject = load_model_source(ckpt, random_like=random_like, seed=0)
         scores = run_knn(subject.model, str(data), image_size=cfg.global_crops_size, ks=(20,), num_workers=0,
                          device=torch.device("cpu"))
         top1[name] = scores[20][0]

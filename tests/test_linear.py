@@ -4,16 +4,22 @@ import math
 
 import pytest
 import torch
+from evaluator_trees import files_under, pattern_image, run_main, save_image, save_tiny_checkpoint, tiny_vit
 
-from data.imagefolder import ImageFolder
-from evaluate.features import FeatureExtractor, FeatureSpec
-from evaluate.linear import (LinearClassifier, classifier_accuracies, linear_feature_spec, main, run_linear,
-                             shuffled_batches, train_linear_probe)
-from pretrain import build_backbone
 from common.scaling import scaled_lr
 from common.transforms import eval_transform
-
-from evaluator_trees import files_under, pattern_image, run_main, save_image, save_tiny_checkpoint, tiny_vit
+from data.imagefolder import ImageFolder
+from evaluate.features import FeatureExtractor, FeatureSpec
+from evaluate.linear import (
+    LinearClassifier,
+    classifier_accuracies,
+    linear_feature_spec,
+    main,
+    run_linear,
+    shuffled_batches,
+    train_linear_probe,
+)
+from pretrain import build_backbone
 
 
 def separable_features(n_per_class=40, num_classes=4, dim=16, seed=0):

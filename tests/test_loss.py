@@ -102,8 +102,9 @@ def test_collapse_monitors_match_entropy_and_kl_formulas(ncrops):
     center = rng.normal(size=(1, dim))
     loss_fn = DINOLoss(dim, ncrops, 0.04, 0.07, 3, 10)
     loss_fn.center.copy_(torch.tensor(center))
-    loss, monitors = loss_fn(torch.tensor(student, dtype=torch.float32), torch.tensor(teacher, dtype=torch.float32),
-                             2, monitors=True)
+    loss, monitors = loss_fn.with_monitors(torch.tensor(student, dtype=torch.float32),
+                                           torch.tensor(teacher, dtype=torch.float32),
+                             2)
     want_entropy, want_kl = reference_monitors(student, teacher, center, ncrops, 0.1, 0.07)
     assert monitors["teacher_entropy"].item() == pytest.approx(want_entropy, rel=1e-4)
     assert monitors["teacher_student_kl"].item() == pytest.approx(want_kl, rel=1e-4, abs=1e-5)
@@ -123,14 +124,14 @@ def test_collapse_monitors_at_the_two_collapses():
     dim, batch = 16, 5
     # uniform collapse: constant logits everywhere -> H = ln K, KL = 0
     loss_fn = DINOLoss(dim, 4, 0.04, 0.04, 0, 10)
-    _, uniform = loss_fn(torch.zeros(4 * batch, dim), torch.zeros(2 * batch, dim), 0, monitors=True)
+    _, uniform = loss_fn.with_monitors(torch.zeros(4 * batch, dim), torch.zeros(2 * batch, dim), 0)
     assert uniform["teacher_entropy"].item() == pytest.approx(np.log(dim), rel=1e-6)
     assert uniform["teacher_student_kl"].item() == pytest.approx(0.0, abs=1e-6)
     # one dimension dominates teacher and student: H -> 0 (0 log 0 counted as 0, no NaN), KL -> 0
     spike = torch.zeros(1, dim)
     spike[0, 3] = 100.0
     loss_fn = DINOLoss(dim, 4, 0.04, 0.04, 0, 10)
-    _, peaked = loss_fn(spike.repeat(4 * batch, 1), spike.repeat(2 * batch, 1), 0, monitors=True)
+    _, peaked = loss_fn.with_monitors(spike.repeat(4 * batch, 1), spike.repeat(2 * batch, 1), 0)
     assert peaked["teacher_entropy"].item() == pytest.approx(0.0, abs=1e-6)
     assert peaked["teacher_student_kl"].item() == pytest.approx(0.0, abs=1e-4)
     assert peaked["teacher_batch_entropy"].item() == pytest.approx(0.0, abs=1e-6)  # every image on dimension 3
@@ -139,6 +140,6 @@ def test_collapse_monitors_at_the_two_collapses():
     spread = torch.zeros(2 * batch, dim)
     spread[torch.arange(2 * batch), torch.arange(2 * batch)] = 100.0
     loss_fn = DINOLoss(dim, 2, 0.04, 0.04, 0, 10)
-    _, sharp = loss_fn(spread.clone(), spread, 0, monitors=True)
+    _, sharp = loss_fn.with_monitors(spread.clone(), spread, 0)
     assert sharp["teacher_entropy"].item() == pytest.approx(0.0, abs=1e-6)
     assert sharp["teacher_batch_entropy"].item() == pytest.approx(np.log(2 * batch), rel=1e-5)

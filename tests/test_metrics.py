@@ -6,10 +6,26 @@ import pytest
 from PIL import Image
 
 from common.errors import UserError, run_cli
-from evaluate.metrics import (best_head_jaccard, attention_mass_masks, boundary_f_measure, boundary_tolerance,
-                              copy_detection_ap, copy_detection_block_maps, davis_j_and_f, main, mask_boundary,
-                              mean_jaccard, patch_masks_to_pixels, ranking_from_similarity, read_sequence,
-                              recall_and_decay, region_similarity, retrieval_map, retrieval_scores, score_sequence)
+from evaluate.metrics import (
+    attention_mass_masks,
+    best_head_jaccard,
+    boundary_f_measure,
+    boundary_tolerance,
+    copy_detection_ap,
+    copy_detection_block_maps,
+    davis_j_and_f,
+    main,
+    mask_boundary,
+    mean_jaccard,
+    patch_masks_to_pixels,
+    ranking_from_similarity,
+    read_sequence,
+    recall_and_decay,
+    region_similarity,
+    retrieval_map,
+    retrieval_scores,
+    score_sequence,
+)
 from tests.conftest import shared_data_dir
 
 # ------------------------------------------------------------------ retrieval

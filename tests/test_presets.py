@@ -1,22 +1,18 @@
 """The named recipes: their settings against their sources, arch checks, start-of-run notes, README table."""
-import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
+from tiny_runs import REPO, tiny_cfg
 
 from common.errors import UserError, run_cli
+from common.scaling import scaled_lr
 from pretrain import load_backbone
 from pretrain.config import TrainConfig, resolve
 from pretrain.distributed import DistInfo
 from pretrain.presets import RECIPES, presets_table, start_notes
-from common.scaling import scaled_lr
 from pretrain.train import main as train_main
 from pretrain.trainer import Trainer
-
-from tiny_runs import REPO, TINY, cli_args, tiny_cfg
 
 
 def test_paper_preset_is_the_released_vit_s_recipe():
@@ -30,7 +26,8 @@ def test_paper_preset_is_the_released_vit_s_recipe():
     # the rest are the code defaults the paper states: lr 5e-4 x batch / 256 over 10 warm-up epochs,
     # wd 0.04 -> 0.4, momentum 0.996 -> 1, K = 65536, last layer frozen during the first epoch
     assert (cfg.lr, cfg.warmup_epochs, cfg.weight_decay, cfg.weight_decay_end) == (5e-4, 10, 0.04, 0.4)
-    assert (cfg.momentum_teacher, cfg.momentum_teacher_end, cfg.out_dim, cfg.freeze_last_layer) == (0.996, 1.0, 65536, 1)
+    assert (cfg.momentum_teacher, cfg.momentum_teacher_end, cfg.out_dim, cfg.freeze_last_layer) == \
+        (0.996, 1.0, 65536, 1)
     assert resolve("paper", patch_size=8).patch_size == 8  # ViT-S/8: the same recipe
 
 
@@ -72,7 +69,8 @@ def test_start_notes_name_the_batch_the_lr_and_the_temperature_reached():
     assert len(notes) == 2
     assert "global batch of 1024; this run's is 64" in notes[0]
     assert "0.0005 x 64/256 = 0.000125" in notes[0] and "the recipe's: 0.002" in notes[0]
-    assert f"it ends at {teacher_temps[19]:.4g}, not 0.07" in notes[1] and "over 30 epochs but the run has 20" in notes[1]
+    assert f"it ends at {teacher_temps[19]:.4g}, not 0.07" in notes[1] \
+        and "over 30 epochs but the run has 20" in notes[1]
     assert start_notes("paper", 1024, cfg.lr, scaled_lr(cfg.lr, 1024), 800, 30, 0.07, 0.07) == []
     assert start_notes("vanilla", 8, 5e-4, 1.6e-5, 100, 0, 0.04, 0.04) == []  # the code defaults: no recipe batch
 

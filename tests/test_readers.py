@@ -13,16 +13,15 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import pytest
+from conftest import shared_data_dir
 
+from common.errors import UserError
 from data.copydays import Copydays
 from data.davis import Davis, davis_palette, read_index_mask, write_index_mask
-from common.errors import UserError
 from data.index_masks import label_colormap, object_labels
 from data.revisitop import RevisitopDataset, load_ground_truth
 from data.safe_pickle import load_pickle_file, safe_loads
 from data.voc import VOC_CLASS_NAMES, VOCSegmentation, find_voc2012_folder
-
-from conftest import shared_data_dir
 
 
 def _shared(relative: str) -> Path:
@@ -74,7 +73,8 @@ def _raises_one_line(call, *fragments) -> str:
 def test_safe_load_rebuilds_containers_and_numpy_under_every_protocol(tmp_path):
     fortran = np.asfortranarray(np.arange(6, dtype=np.int32).reshape(2, 3))
     data = {"imlist": ["a", "b"], "tuple": (1, 2.5, None, True), "set": {3, 4}, "frozen": frozenset({5}),
-            "bytes": b"\x00\xff", "no_bytes": b"", "buffer": bytearray(b"ab"), "array": np.array([1.5, -2.0]), "fortran": fortran,
+            "bytes": b"\x00\xff", "no_bytes": b"", "buffer": bytearray(b"ab"), "array": np.array([1.5, -2.0]),
+            "fortran": fortran,
             "scalar": np.float32(0.25), "index": np.int64(7), "dtype": np.dtype("<u2"),
             "big_endian": np.array([1, 258], dtype=">i4"), "text": np.array(["ab", "c"]),
             "flags": np.array([True, False]), "complex": np.array([1 + 2j]), "empty": np.zeros((0, 3))}

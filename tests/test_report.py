@@ -1,4 +1,5 @@
-"""make report end to end on a tiny run: every section, opened in headless Chromium; bad inputs degrade it gracefully."""
+"""make report end to end on a tiny run: every section, opened in headless Chromium;
+bad inputs degrade it gracefully."""
 from __future__ import annotations
 
 import json
@@ -8,17 +9,18 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from analysis import report
-from common.errors import run_cli
-from evaluate import eval_all, results_table as rt
-from evaluate.emergence import ROWS, diagnose
-from pretrain import train as train_cli
-from pretrain.checkpoint import atomic_save, safe_load
-
 from browser import open_page
 from evaluator_trees import write_tiny_suite
 from figure_checks import assert_not_blank
+
+from analysis import report
+from common.errors import run_cli
+from evaluate import eval_all
+from evaluate import results_table as rt
+from evaluate.emergence import ROWS, diagnose
+from evaluate.model_source import load_model_source
+from pretrain import train as train_cli
+from pretrain.checkpoint import atomic_save, safe_load
 
 # figures the tiny run must produce: curves (3), one attention map per VOC val image (3) for the trained teacher
 # and as many for its random twin, t-SNE and k-NN neighbours, one retrieval grid (one dataset), copy-detection
@@ -156,7 +158,7 @@ def test_nothing_to_report_is_one_line_and_exit_2(tmp_path, capsys):
 def test_random_twin_weights_are_not_the_trained_ones(tiny_report):
     """The report describes the trained teacher (its fingerprint), not a fresh initialisation."""
     trained = safe_load(tiny_report["run"] / "checkpoint.pth")["teacher"]
-    subject, warnings = report.load_model(str(tiny_report["run"] / "checkpoint.pth"), None, None, 0)
+    subject, warnings = report.load_reported_model(str(tiny_report["run"] / "checkpoint.pth"), None, None, 0)
     assert warnings == []
     weights = subject.model.state_dict()
     assert torch.equal(weights["pos_embed"], trained["backbone.pos_embed"])
@@ -173,8 +175,8 @@ def test_emergence_table_compares_the_twin_the_teacher_and_the_student(tiny_repo
     assert rows[0] == ["diagnostic", "random init", "DINO (teacher)", "DINO (student)"]
     assert [row[0] for row in rows[1:]] == list(ROWS.values())
     checkpoint = str(tiny_report["run"] / "checkpoint.pth")
-    models = [eval_all.load_subject(None, random_like=checkpoint), eval_all.load_subject(checkpoint),
-              eval_all.load_subject(checkpoint, key="student")]
+    models = [load_model_source(random_like=checkpoint), load_model_source(checkpoint),
+              load_model_source(checkpoint, key="student")]
     by_key = {key: row[1:] for key, row in zip(ROWS, rows[1:])}
     for column, subject in enumerate(models):
         diagnosis = diagnose(subject.model, tiny_report["data"], subject.train_args, device="cpu")

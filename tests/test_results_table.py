@@ -1,6 +1,6 @@
 """Tests for results/reference/ (the paper's numbers) and evaluate.results_table.
 
-The literal numbers below are the paper's (PROTOCOLS.md section C); they are
+The literal numbers below are the paper's (docs/protocols.md, "Reference numbers"); they are
 here only to check the transcription in results/reference/.
 """
 from pathlib import Path

@@ -10,15 +10,24 @@ import PIL.Image
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import shared_data_dir
+from evaluator_trees import files_under, run_main, save_tiny_checkpoint, tiny_vit, write_revisitop_tree
 
 from data.revisitop import QueryGroundTruth, RevisitopDataset
 from evaluate.features import FeatureExtractor, ImageList
 from evaluate.metrics import retrieval_map
-from evaluate.retrieval import (MULTISCALE, Thumbnail, dataset_features, find_datasets, main, map_scores,
-                                rank_database, retrieval_spec, retrieval_transform, run_retrieval)
-
-from conftest import shared_data_dir
-from evaluator_trees import files_under, run_main, save_tiny_checkpoint, tiny_vit, write_revisitop_tree
+from evaluate.retrieval import (
+    MULTISCALE,
+    Thumbnail,
+    dataset_features,
+    find_datasets,
+    main,
+    map_scores,
+    rank_database,
+    retrieval_spec,
+    retrieval_transform,
+    run_retrieval,
+)
 
 
 def test_ranks_equal_brute_force():
@@ -117,7 +126,8 @@ def gnd_subset(gnd: dict, n_queries: int, n_others: int) -> dict:
     kept = sorted(labelled + others)
     new_index = {old: new for new, old in enumerate(kept)}
     return {"imlist": [gnd["imlist"][i] for i in kept], "qimlist": gnd["qimlist"][:n_queries],
-            "gnd": [{"bbx": query["bbx"], **{key: [new_index[i] for i in query[key]] for key in ("easy", "hard", "junk")}}
+            "gnd": [{"bbx": query["bbx"],
+                     **{key: [new_index[i] for i in query[key]] for key in ("easy", "hard", "junk")}}
                     for query in queries]}
 
 

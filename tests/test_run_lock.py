@@ -13,12 +13,11 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
+from tiny_runs import REPO, TINY, cli_args, step_records, subprocess_env, train_command
 
 from common.errors import UserError, run_cli
 from common.run_lock import LOCK_NAME, Holder, RunLock, process_start_ticks
 from pretrain.train import main as train_main
-
-from tiny_runs import REPO, TINY, cli_args, step_records, subprocess_env, train_command
 
 HOST = socket.gethostname()
 

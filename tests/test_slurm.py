@@ -15,11 +15,12 @@ import pytest
 
 submitit = pytest.importorskip("submitit")
 
+from tiny_runs import REPO, TINY, cli_args  # noqa: E402
+
 from common.errors import run_cli  # noqa: E402
 from pretrain import slurm  # noqa: E402
 from pretrain.checkpoint import safe_load  # noqa: E402
 from pretrain.distributed import init_distributed  # noqa: E402
-from tiny_runs import REPO, TINY, cli_args  # noqa: E402
 
 # 120 tiny-suite images: 15 steps of 8 in one process, 15 steps of 4 per process in two
 TINY_RUN = {**TINY, "epochs": 1, "saveckp_freq": 0}

@@ -1,4 +1,4 @@
-"""Tests for the suite's retrieval, copy-detection, video and mask parts (data/suite_*.py).
+"""Tests for the suite's parts (data/suite_<part>.py), their shared helpers and the command line (data/suite.py).
 
 Each part is written once at a tiny size; the tests check that its layout is
 the real dataset's, that its ground truth is what the renderer drew, and that
@@ -19,9 +19,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data import suite, suite_copydays, suite_retrieval, suite_scenes, suite_segmentation, suite_video
 from common.errors import run_cli
-from data.suite_scenes import LABEL_PALETTE, SceneObject, SUPERSAMPLING
+from data import (
+    suite,
+    suite_classification,
+    suite_common,
+    suite_copydays,
+    suite_davis,
+    suite_retrieval,
+    suite_scenes,
+    suite_voc,
+)
+from data.suite_classification import CLASS_NAMES
+from data.suite_common import LABEL_PALETTE
+from data.suite_scenes import SUPERSAMPLING, SceneObject
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {
@@ -31,7 +42,7 @@ TINY = {
     "voc": dict(n_val=4, n_train=2),
 }
 WRITERS = {"retrieval": suite_retrieval.write_retrieval, "copydays": suite_copydays.write_copydays,
-           "davis": suite_video.write_davis, "voc": suite_segmentation.write_voc}
+           "davis": suite_davis.write_davis, "voc": suite_voc.write_voc}
 
 
 def _write(part, root, seed=0):
@@ -42,7 +53,7 @@ def _files(folder: Path) -> dict:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def _jpeg_bytes(image: Image.Image, quality=suite_scenes.JPEG_QUALITY) -> bytes:
+def _jpeg_bytes(image: Image.Image, quality=suite_common.JPEG_QUALITY) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
@@ -66,7 +77,7 @@ def test_label_palette_is_the_voc_colour_map():
 
 def test_scene_areas_clipping_and_occlusion_match_the_geometry():
     canvas = np.zeros((40 * SUPERSAMPLING, 60 * SUPERSAMPLING, 3), np.uint8)
-    circle = suite.CLASS_NAMES.index("circle")
+    circle = CLASS_NAMES.index("circle")
     half_out = SceneObject(circle, (0.0, 20.0), 10.0, 0.0, (200, 0, 0))  # centred on the left border
     back = SceneObject(circle, (30.0, 20.0), 8.0, 0.0, (0, 200, 0))
     front = SceneObject(circle, (38.0, 20.0), 8.0, 0.0, (0, 0, 200))  # 8 px to the right: a lens is hidden
@@ -90,11 +101,19 @@ def test_scene_areas_clipping_and_occlusion_match_the_geometry():
 
 
 def test_scene_modules_do_not_import_the_training_or_evaluation_code():
-    code = ("import sys, data.suite, data.suite_retrieval, data.suite_copydays, data.suite_video, "
-            "data.suite_segmentation; print(sorted(m for m in sys.modules if m.split('.')[0] in "
-            "('pretrain', 'evaluate', 'torch')))")
+    code = ("import sys, data.suite, data.suite_common, data.suite_classification, data.suite_retrieval, "
+            "data.suite_copydays, data.suite_davis, data.suite_voc; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('pretrain', 'evaluate', 'torch')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("module", ["suite_common", "suite_shapes", "suite_scenes", "suite_classification",
+                                    "suite_retrieval", "suite_copydays", "suite_davis", "suite_voc", "suite"])
+def test_each_suite_module_imports_alone_and_no_part_imports_the_command_line(module):
+    code = f"import sys, data.{module}; print('data.suite' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str(module == "suite")
 
 
 # ---------------------------------------------------------------- retrieval
@@ -240,13 +259,13 @@ def test_davis_masks_are_the_rendered_objects(parts):
     names = (folder / "ImageSets" / "2017" / "val.txt").read_text().splitlines()
     names += (folder / "ImageSets" / "2017" / "train.txt").read_text().splitlines()
     for index, name in enumerate(names):
-        sequence = suite_video.Sequence(0, index)
+        sequence = suite_davis.Sequence(0, index)
         count = len(sequence.objects)
-        assert name == sequence.name == "-".join(suite.CLASS_NAMES[o.class_index] for o in sequence.objects)
+        assert name == sequence.name == "-".join(CLASS_NAMES[o.class_index] for o in sequence.objects)
         first = np.asarray(Image.open(folder / "Annotations" / "480p" / name / "00000.png"))
         assert first.max() == count and set(np.unique(first)) == set(range(count + 1))
         for k, item in enumerate(sequence.objects):  # frame 0: whole objects, no overlap
-            expected_area = np.pi * item.radius ** 2 if suite.CLASS_NAMES[item.class_index] == "circle" else None
+            expected_area = np.pi * item.radius ** 2 if CLASS_NAMES[item.class_index] == "circle" else None
             if expected_area:
                 assert (first == k + 1).sum() == pytest.approx(expected_area, rel=0.05)
         for t in range(4):
@@ -263,12 +282,12 @@ def test_davis_masks_are_the_rendered_objects(parts):
 def test_voc_layout_palette_and_class_ids(parts):
     folder, parameters = parts["voc"]
     assert json.loads((folder / "SUITE.json").read_text()) == parameters
-    assert parameters["class_ids"] == {name: i + 1 for i, name in enumerate(suite.CLASS_NAMES)}
+    assert parameters["class_ids"] == {name: i + 1 for i, name in enumerate(CLASS_NAMES)}
     voc = folder / "VOC2012"
     assert sorted(os.listdir(folder)) == ["SUITE.json", "VOC2012"]
     assert sorted(os.listdir(voc)) == ["ImageSets", "JPEGImages", "SegmentationClass", "SegmentationObject",
                                        "class_names.txt"]
-    assert (voc / "class_names.txt").read_text().splitlines() == ["_background_", *suite.CLASS_NAMES]
+    assert (voc / "class_names.txt").read_text().splitlines() == ["_background_", *CLASS_NAMES]
     sets = voc / "ImageSets" / "Segmentation"
     val, train = (sets / "val.txt").read_text().splitlines(), (sets / "train.txt").read_text().splitlines()
     assert val == [f"synth_{i:06d}" for i in range(4)] and train == ["synth_000004", "synth_000005"]
@@ -286,7 +305,7 @@ def test_voc_layout_palette_and_class_ids(parts):
 def test_voc_masks_are_the_rendered_coverage_with_a_void_border(parts):
     voc = parts["voc"][0] / "VOC2012"
     for index in range(6):
-        image, _, _, render, objects = suite_segmentation.render_segmentation_image(0, index)
+        image, _, _, render, objects = suite_voc.render_segmentation_image(0, index)
         name = f"synth_{index:06d}"
         instances = np.asarray(Image.open(voc / "SegmentationObject" / f"{name}.png"))
         classes = np.asarray(Image.open(voc / "SegmentationClass" / f"{name}.png"))
@@ -324,15 +343,15 @@ def test_parts_are_deterministic_per_seed(part, parts, tmp_path):
 
 
 def test_classification_part_is_byte_identical_to_version_3(tmp_path):
-    suite.write_classification(tmp_path, n_train_per_class=2, n_val_per_class=2, progress=False)
+    suite_classification.write_classification(tmp_path, n_train_per_class=2, n_val_per_class=2, progress=False)
     digest = hashlib.sha256()
     for split in ("train", "val"):
-        for class_name in sorted(suite.CLASS_NAMES):
+        for class_name in sorted(CLASS_NAMES):
             for index in range(2):
                 digest.update((tmp_path / "classification" / split / class_name / f"{index:04d}.png").read_bytes())
     # the first two images of every class and split, as suite version 3 renders them (objects of 55-90% of
     # the side); a change of this digest must come with a new SUITE_VERSION
-    assert suite.SUITE_VERSION == 3
+    assert suite_classification.SUITE_VERSION == 3
     assert digest.hexdigest() == "d435a5f9e17a44b50462f21b98eb0bfef6021331c34bf68b4e02f720656f1989"
 
 
@@ -340,8 +359,8 @@ def test_classification_part_is_byte_identical_to_version_3(tmp_path):
 
 def test_cli_writes_the_chosen_parts_and_rejects_unknown_ones(tmp_path, capsys, monkeypatch):
     # the command line writes a part at its default sizes: make them tiny
-    monkeypatch.setattr(suite_video.davis_parameters, "__defaults__", (2, 1, 4, 0))
-    monkeypatch.setattr(suite_video.write_davis, "__defaults__", (2, 1, 4, 0, True, False))
+    monkeypatch.setattr(suite_davis.davis_parameters, "__defaults__", (2, 1, 4, 0))
+    monkeypatch.setattr(suite_davis.write_davis, "__defaults__", (2, 1, 4, 0, True, False))
     argv = ["--out", str(tmp_path), "--parts", "davis,classification", "--train-per-class", "1",
             "--val-per-class", "1", "--image-size", "16", "--no-progress"]
     assert run_cli(suite.main, argv) == 0

@@ -8,15 +8,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny_runs import REPO, TINY, cli_args, step_records, subprocess_env, tiny_cfg, train_command
 
 from common.errors import UserError, run_cli
 from pretrain import load_backbone
 from pretrain.checkpoint import safe_load, strip_prefixes
+from pretrain.dino import build_student_teacher, ema_update, param_groups
 from pretrain.distributed import DistInfo
 from pretrain.train import main as train_main
-from pretrain.trainer import Trainer, build_student_teacher, ema_update, param_groups
+from pretrain.trainer import Trainer
 
-from tiny_runs import REPO, TINY, cli_args, subprocess_env, tiny_cfg, train_command
 
 def test_param_groups_follow_the_official_rule():
     student, _ = build_student_teacher(tiny_cfg("x", "y"))
@@ -109,10 +110,9 @@ def test_non_finite_loss_stops_with_checkpoint_intact(tiny_suite, tmp_path, monk
     Trainer(tiny_cfg(tiny_suite / "train", out, epochs=2, max_steps=15), DistInfo()).fit()
     before = (out / "checkpoint.pth").read_bytes()
     trainer = Trainer(tiny_cfg(tiny_suite / "train", out, epochs=2), DistInfo())
-    def nan_loss(student_output, teacher_output, epoch, monitors=False):
-        loss = student_output.sum() * float("nan")
-        return (loss, {"teacher_entropy": loss, "teacher_student_kl": loss}) if monitors else loss
-    monkeypatch.setattr(trainer.loss_fn, "forward", nan_loss)
+    def nan_loss(student_output, teacher_output, epoch):  # what forward and with_monitors both use
+        return student_output.sum() * float("nan"), teacher_output.float().softmax(dim=-1)
+    monkeypatch.setattr(trainer.model.loss_fn, "_loss_and_targets", nan_loss)
     with pytest.raises(UserError, match="loss is not finite .* at iteration 15: training diverged"):
         trainer.fit()
     assert (out / "checkpoint.pth").read_bytes() == before
@@ -122,17 +122,17 @@ def test_teacher_momentum_follows_its_schedule_to_the_configured_end(tiny_suite,
     official = Trainer(tiny_cfg(tiny_suite / "train", tmp_path / "a", momentum_teacher=0.99), DistInfo())
     held = Trainer(tiny_cfg(tiny_suite / "train", tmp_path / "b", momentum_teacher=0.99, momentum_teacher_end=0.99),
                    DistInfo())
-    steps = len(official.momentum_schedule)
+    steps = len(official.model.momentum_schedule)
     # official: m(it) = 1 - (1 - m0) (cos(pi it / T) + 1) / 2, T = the run's steps: from 0.99 up towards 1
     expected = 1 - 0.01 * (np.cos(np.pi * np.arange(steps) / steps) + 1) / 2
-    assert np.allclose(official.momentum_schedule, expected, atol=1e-12)
-    assert np.allclose(held.momentum_schedule, 0.99, atol=1e-12)
+    assert np.allclose(official.model.momentum_schedule, expected, atol=1e-12)
+    assert np.allclose(held.model.momentum_schedule, 0.99, atol=1e-12)
     # the teacher update uses it: one step of the held schedule moves the teacher by exactly 1% of the gap
     student = torch.nn.Linear(2, 2)
     teacher = torch.nn.Linear(2, 2)
     gap = [s.detach() - t.detach() for s, t in zip(student.parameters(), teacher.parameters())]
     before = [t.detach().clone() for t in teacher.parameters()]
-    ema_update(teacher, student, float(held.momentum_schedule[0]))
+    ema_update(teacher, student, float(held.model.momentum_schedule[0]))
     for t, b, g in zip(teacher.parameters(), before, gap):
         assert torch.allclose(t.detach() - b, 0.01 * g, atol=1e-7)
 
@@ -168,10 +168,14 @@ def test_bad_data_gives_one_line_error(tmp_path, capsys, case, expected):
 
 def test_bad_arch_patch_and_resume_from_other_arch(tiny_suite, tmp_path, capsys):
     base = {**TINY, "data": tiny_suite / "train", "output_dir": tmp_path / "out", "epochs": 1, "max_steps": 1}
-    assert run_cli(train_main, ["--preset", "vanilla", *cli_args({**base, "arch": "vit_giant"})]) == 2
-    assert "unknown arch 'vit_giant'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:  # a value outside the flag's choices: refused at parse time
+        run_cli(train_main, ["--preset", "vanilla", *cli_args({**base, "arch": "vit_giant"})])
+    assert refused.value.code == 2
+    assert "argument --arch: invalid choice: 'vit_giant' (choose from 'vit_tiny', 'vit_small', 'vit_base', " \
+           "'resnet50', 'vit')" in capsys.readouterr().err
     named = {k: v for k, v in base.items() if k not in ("embed_dim", "depth", "num_heads", "img_size")}
-    assert run_cli(train_main, ["--preset", "vanilla", *cli_args({**named, "arch": "vit_small", "patch_size": 14})]) == 2
+    assert run_cli(train_main, ["--preset", "vanilla",
+                                *cli_args({**named, "arch": "vit_small", "patch_size": 14})]) == 2
     assert "does not support patch 14" in capsys.readouterr().err
     assert run_cli(train_main, ["--preset", "vanilla", *cli_args(base)]) == 0
     before = (tmp_path / "out" / "checkpoint.pth").read_bytes()
@@ -186,7 +190,7 @@ def test_fused_adamw_trains_like_the_foreach_one(tiny_suite, tmp_path):
     for fused in (True, False):
         out = tmp_path / f"fused-{fused}"
         trainer = Trainer(tiny_cfg(tiny_suite / "train", out, max_steps=4, fused_optimizer=fused), DistInfo())
-        assert bool(trainer.optimizer.defaults["fused"]) is fused
+        assert bool(trainer.model.optimizer.defaults["fused"]) is fused
         trainer.fit()
         runs[fused] = safe_load(out / "checkpoint.pth")
     for name, value in runs[True]["student"].items():
@@ -231,3 +235,48 @@ def test_demo_preset_with_batchnorm_head_trains_and_resumes_under_two_process_dd
     assert summary["resumed"] and summary["start_iteration"] == 3 and summary["iterations"] == 6
     resumed = safe_load(out / "checkpoint.pth")
     assert any(not torch.equal(resumed["teacher"][k], saved["teacher"][k]) for k in saved["teacher"])
+
+
+def test_tensorboard_events_hold_the_logged_curves(tiny_suite, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = tmp_path / "run"
+    Trainer(tiny_cfg(tiny_suite / "train", out, epochs=1, log_every_steps=5), DistInfo()).fit()
+    events = EventAccumulator(str(out))
+    events.Reload()
+    steps = step_records(out / "log.jsonl")
+    for tag, key in (("train/loss", "loss"), ("train/lr", "lr"), ("train/teacher_momentum", "teacher_momentum"),
+                     ("collapse/teacher_entropy", "teacher_entropy"), ("train/teacher_temp", "teacher_temp")):
+        logged = {event.step: event.value for event in events.Scalars(tag)}
+        assert sorted(logged) == sorted(steps) == [5, 10, 15], tag
+        for iteration, record in steps.items():
+            assert logged[iteration] == pytest.approx(record[key], rel=1e-6), (tag, iteration)
+    assert [event.value for event in events.Scalars("epoch/train_loss")] == pytest.approx(
+        [r["train_loss"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())
+         if r["kind"] == "epoch"])
+
+
+def test_tensorboard_off_or_unwritable_never_stops_a_run(tiny_suite, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "off"
+    Trainer(tiny_cfg(tiny_suite / "train", out, epochs=1, max_steps=2, tensorboard=False), DistInfo()).fit()
+    assert not list(out.glob("events.out.tfevents.*"))
+    import torch.utils.tensorboard as tensorboard
+
+    def refuse(*args, **kwargs):
+        raise PermissionError("read-only file system")
+    monkeypatch.setattr(tensorboard, "SummaryWriter", refuse)
+    summary = Trainer(tiny_cfg(tiny_suite / "train", tmp_path / "ro", epochs=1, max_steps=2), DistInfo()).fit()
+    assert summary["iterations"] == 2
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "TensorBoard" in line]
+    assert len(warnings) == 1 and "read-only file system" in warnings[0] and "the run goes on" in warnings[0]
+
+
+def test_progress_in_a_log_file_is_clean_lines(tiny_suite, tmp_path):
+    """Redirected output (a SLURM log): whole lines, no carriage returns, a start and an end line."""
+    settings = {**TINY, "epochs": 1, "data": tiny_suite / "train", "output_dir": tmp_path / "run"}
+    done = subprocess.run(train_command(settings), cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "\r" not in done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.startswith("pretrain: ")]
+    assert lines[0] == "pretrain: 0/15 it (0%), started" and lines[-1].startswith("pretrain: 15/15 it (100%)")
+    assert ", done" in lines[-1] and "loss=" in lines[-1]

@@ -36,17 +36,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from evaluator_trees import files_under, pattern_image, save_image, tiny_vit
 
-from data import safe_pickle
 from common.errors import UserError, run_cli
+from common.transforms import eval_transform
+from data import safe_pickle
 from data.revisitop import RevisitopDataset, load_ground_truth
 from evaluate.features import FeatureExtractor, FeatureSpec
 from pretrain import load_backbone
-from common.transforms import eval_transform
 from pretrain.checkpoint import load_backbone_with_args, safe_load
 from pretrain.checkpoint_files import load_training_checkpoint
-
-from evaluator_trees import files_under, pattern_image, save_image, tiny_vit
 
 REPO = Path(__file__).resolve().parents[1]
 SCALAR = np._core.multiarray.scalar if hasattr(np, "_core") else np.core.multiarray.scalar
@@ -275,7 +274,8 @@ def evil_gnd(folder: Path, kind: str, protocol: int) -> tuple[Path, Path]:
 @pytest.mark.parametrize("kind", PAYLOADS)
 def test_ground_truth_readers_refuse(tmp_path, kind, protocol):
     path, marker = evil_gnd(tmp_path, kind, protocol)
-    for read in (lambda: safe_pickle.load_pickle_file(path), lambda: safe_pickle.safe_loads(path.read_bytes(), str(path)),
+    for read in (lambda: safe_pickle.load_pickle_file(path),
+                 lambda: safe_pickle.safe_loads(path.read_bytes(), str(path)),
                  lambda: load_ground_truth(path), lambda: RevisitopDataset(tmp_path, "roxford5k")):
         with pytest.raises(UserError, match="refusing to unpickle") as error:
             read()

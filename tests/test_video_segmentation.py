@@ -7,18 +7,22 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-
-import evaluate.video_segmentation as video
-from data.davis import davis_palette
-from common.errors import run_cli
-from data.index_masks import read_index_mask, write_index_mask
-from evaluate.label_propagation import (ContextQueue, full_fp32_matmuls, min_max_normalise_channels,
-                                        one_hot_patch_labels, propagate_labels)
-from evaluate.video_segmentation import PropagationOptions, load_frame, resized_frame_size, run_video_segmentation
-from pretrain import build_backbone
-
 from conftest import shared_data_dir
 from evaluator_trees import save_tiny_checkpoint, tiny_vit
+
+import evaluate.video_segmentation as video
+from common.errors import run_cli
+from data.davis import davis_palette
+from data.index_masks import read_index_mask, write_index_mask
+from evaluate.label_propagation import (
+    ContextQueue,
+    full_fp32_matmuls,
+    min_max_normalise_channels,
+    one_hot_patch_labels,
+    propagate_labels,
+)
+from evaluate.video_segmentation import PropagationOptions, load_frame, resized_frame_size, run_video_segmentation
+from pretrain import build_backbone
 
 
 def reference_propagation(target, contexts, labels, grid, radius, topk, temperature):
@@ -294,8 +298,8 @@ def test_real_davis_sample(tmp_path):
 
 
 def test_generated_suite_end_to_end(tmp_path):
-    suite_video = pytest.importorskip("data.suite_video")
-    suite_video.write_davis(tmp_path, n_val_sequences=2, n_train_sequences=0, n_frames=4, progress=False)
+    suite_davis = pytest.importorskip("data.suite_davis")
+    suite_davis.write_davis(tmp_path, n_val_sequences=2, n_train_sequences=0, n_frames=4, progress=False)
     model = tiny_vit()
     scores = run_video_segmentation(model, tmp_path / "davis", tmp_path / "pred",
                                     options=PropagationOptions(frame_height=72), progress=False)

@@ -1,4 +1,4 @@
-"""Mask-segmentation part of the suite: synthetic photos with object masks, in the PASCAL VOC 2012 layout.
+"""VOC part of the suite (attention masks): synthetic photos with object masks, in the PASCAL VOC 2012 layout.
 
 What it shows: each image holds 1-3 large textured objects of the suite's ten
 classes (two may share a class, like two people in VOC) on a cluttered
@@ -15,11 +15,12 @@ each side of a border, also between two touching objects). Class ids: 1..10
 = `CLASS_NAMES` in order (circle 1, ..., heart 10), written to
 ``VOC2012/class_names.txt`` (line i = id i, line 0 = background).
 
-Layout (VOC 2012, under the part folder that plays VOCdevkit):
+Layout (VOC 2012), under ``<root>/voc/``, the folder that plays VOCdevkit:
 ``VOC2012/JPEGImages/<id>.jpg``, ``VOC2012/SegmentationClass/<id>.png``,
 ``VOC2012/SegmentationObject/<id>.png`` (palette PNGs, VOC palette: 0
 background, 1..n instances or class ids, 255 void) and
-``VOC2012/ImageSets/Segmentation/{train,val,trainval}.txt``. Ids are
+``VOC2012/ImageSets/Segmentation/{train,val,trainval}.txt``, and
+``SUITE.json`` (the part's parameters) beside ``VOC2012/``. Ids are
 ``synth_<6 digits>``; the first ``n_val`` images are the val split.
 """
 
@@ -29,9 +30,8 @@ import numpy as np
 from PIL import Image, ImageFilter
 from tqdm import tqdm
 
-from data.suite import _write_atomically, check_integer
-from data.suite_scenes import (SCENES_VERSION, canvas_size, make_folders, part_rng, place_objects,
-                               render_scene, save_jpeg, save_label_png, scene_canvas)
+from data.suite_common import check_integer, make_folders, part_rng, save_jpeg, save_label_png, write_part_atomically
+from data.suite_scenes import SCENES_VERSION, canvas_size, place_objects, render_scene, scene_canvas
 from data.suite_shapes import CLASS_NAMES
 
 IMAGE_SIZE = (128, 96)  # landscape (width, height); a quarter of the images are portrait
@@ -115,7 +115,7 @@ def write_voc(root, n_val=120, n_train=20, seed=0, progress=True, force=False) -
         with open(os.path.join(voc, "class_names.txt"), "w") as listing:
             listing.write("".join(f"{name}\n" for name in ("_background_", *CLASS_NAMES)))
 
-    return _write_atomically(root, "voc", p, fill_folder, force)
+    return write_part_atomically(root, "voc", p, fill_folder, force)
 
 
 def describe(parameters: dict) -> str:

@@ -1,4 +1,4 @@
-"""Video part of the suite: short synthetic clips in the DAVIS-2017 layout, with an exact mask in every frame.
+"""DAVIS part of the suite (video segmentation): short synthetic clips in the DAVIS-2017 layout, exact masks.
 
 What it shows: each sequence follows 1-3 textured objects of the suite's ten
 classes (distinct classes within a sequence) over a cluttered background
@@ -12,10 +12,11 @@ semi-supervised protocol requires (N = the largest id of frame 0). Tracking
 the objects by their look from frame 0 is what label propagation with
 frozen patch features tests.
 
-Layout (DAVIS 2017 trainval): ``JPEGImages/480p/<seq>/00000.jpg ...``,
-``Annotations/480p/<seq>/00000.png ...`` (palette PNGs, DAVIS / VOC palette,
-0 background, k object k; every frame annotated), ``ImageSets/2017/val.txt``
-and ``train.txt`` (one sequence name per line). Sequence names join the
+Layout (DAVIS 2017 trainval), under ``<root>/davis/``:
+``JPEGImages/480p/<seq>/00000.jpg ...``, ``Annotations/480p/<seq>/00000.png
+...`` (palette PNGs, DAVIS / VOC palette, 0 background, k object k; every
+frame annotated), ``ImageSets/2017/val.txt`` and ``train.txt`` (one sequence
+name per line), and ``SUITE.json`` (the part's parameters). Sequence names join the
 objects' class names (``star-ring``). The folder is named 480p as in DAVIS,
 but frames are `FRAME_SIZE` = 128 x 72 (DAVIS's 16:9 aspect): the protocol's
 resize (height 480, width floored to a multiple of 64) maps them to 832 x 480
@@ -29,9 +30,8 @@ from dataclasses import replace
 import numpy as np
 from tqdm import tqdm
 
-from data.suite import _write_atomically, check_integer
-from data.suite_scenes import (SCENES_VERSION, make_folders, part_rng, place_objects, render_scene, save_jpeg,
-                               save_label_png, scene_canvas)
+from data.suite_common import check_integer, make_folders, part_rng, save_jpeg, save_label_png, write_part_atomically
+from data.suite_scenes import SCENES_VERSION, place_objects, render_scene, scene_canvas
 from data.suite_shapes import CLASS_NAMES, SUPERSAMPLING
 
 FRAME_SIZE = (128, 72)  # (width, height)
@@ -154,7 +154,7 @@ def write_davis(root, n_val_sequences=6, n_train_sequences=2, n_frames=20, seed=
             with open(os.path.join(sets_folder, f"{split}.txt"), "w") as listing:
                 listing.write("".join(f"{name}\n" for name in split_names))
 
-    return _write_atomically(root, "davis", p, fill_folder, force)
+    return write_part_atomically(root, "davis", p, fill_folder, force)
 
 
 def describe(parameters: dict) -> str:
