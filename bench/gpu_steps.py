@@ -47,7 +47,7 @@ from bench.augment_throughput import photo_like
 from bench.variant_process import REPO
 from common.atomic import atomic_write_text
 from pretrain.checkpoint import safe_load, strip_prefixes
-from pretrain.config import resolve
+from pretrain.config import config_flags, resolve
 from pretrain.distributed import DistInfo
 from pretrain.presets import PRESETS
 from pretrain.trainer import Trainer, peak_memory_gb
@@ -225,14 +225,6 @@ def run_record(folder: Path) -> dict:
     return {"setup": setup, "steps": len(steps), "last_loss": steps[-1]["loss"] if steps else None}
 
 
-def flags(settings: dict) -> list[str]:
-    out = []
-    for key, value in settings.items():
-        flag = "--" + key.replace("_", "-")
-        out += [flag, *map(str, value)] if isinstance(value, tuple) else [flag, str(value)]
-    return out
-
-
 def distributed(args: argparse.Namespace) -> dict:
     from data.suite_classification import write_classification
     gpus = torch.cuda.device_count()
@@ -258,7 +250,7 @@ def distributed(args: argparse.Namespace) -> dict:
         for name, (preset, settings) in runs.items():
             out = Path(tmp) / name
             begin = time.perf_counter()
-            done = torchrun(processes, [*preset, *flags({**settings, "output_dir": out})], timeout)
+            done = torchrun(processes, [*preset, *config_flags({**settings, "output_dir": out})], timeout)
             entry = {"seconds": time.perf_counter() - begin, "returncode": done.returncode}
             if done.returncode == 0:
                 entry.update(run_record(out))
@@ -271,7 +263,7 @@ def distributed(args: argparse.Namespace) -> dict:
                 out = Path(tmp) / f"equal{count}"
                 settings = dict(data=suite, batch_size_per_gpu=batch, max_steps=3, knn_every=0, precision="fp32",
                                 output_dir=out)
-                done = torchrun(count, ["--preset", "demo", *flags(settings)], timeout)
+                done = torchrun(count, ["--preset", "demo", *config_flags(settings)], timeout)
                 if done.returncode:
                     result["equal_error"] = done.stderr[-3000:]
                     break

@@ -192,6 +192,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, type=type(default), default=None, choices=choices, help=help_text)
 
 
+def config_flags(settings: dict) -> list[str]:
+    """The command-line flags that set ``settings`` (config field -> value): the inverse of `add_arguments`
+    (``{"batch_size_per_gpu": 8, "global_crops_scale": (0.4, 1.0)}`` -> ``--batch-size-per-gpu 8
+    --global-crops-scale 0.4 1.0``)."""
+    flags = []
+    for key, value in settings.items():
+        flag = "--" + flag_name(key)
+        flags += [flag, *map(str, value)] if isinstance(value, tuple) else [flag, str(value)]
+    return flags
+
+
 def _parse_bool(text: str) -> bool:
     lowered = text.lower()
     if lowered in ("1", "true", "yes", "on"):

@@ -7,7 +7,7 @@ import socket
 import sys
 from pathlib import Path
 
-from pretrain.config import resolve
+from pretrain.config import config_flags, resolve
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,11 +22,7 @@ def tiny_cfg(data, out, **overrides):
 
 
 def cli_args(cfg_overrides: dict) -> list[str]:
-    args = []
-    for key, value in cfg_overrides.items():
-        flag = "--" + key.replace("_", "-")
-        args += [flag, *map(str, value)] if isinstance(value, tuple) else [flag, str(value)]
-    return args
+    return config_flags(cfg_overrides)
 
 
 def free_port() -> int:
