@@ -216,10 +216,19 @@ class RunLock:
     def acquire(cls, folder, purpose: str, *, stale_after_s: float | None = None,
                 heartbeat_s: float = HEARTBEAT_S, warn=None) -> "RunLock":
         """Take the lock of ``folder`` (created if missing) for ``purpose``, or raise `UserError` naming
-        its holder. A gone holder's lock is taken over; ``warn`` (default: stderr) gets one line saying so."""
+        its holder (or why the folder cannot be written). A gone holder's lock is taken over; ``warn``
+        (default: stderr) gets one line saying so."""
         folder = Path(folder)
         stale_after_s = stale_after_default() if stale_after_s is None else stale_after_s
         warn = warn or (lambda line: print(line, file=sys.stderr, flush=True))
+        try:
+            return cls._take(folder, purpose, stale_after_s, heartbeat_s, warn)
+        except OSError as error:
+            raise UserError(f"cannot write in the output folder '{folder}' ({error.strerror or error}): choose a "
+                            "folder you can write to") from None
+
+    @classmethod
+    def _take(cls, folder: Path, purpose: str, stale_after_s: float, heartbeat_s: float, warn) -> "RunLock":
         created = [parent for parent in (folder, *folder.parents) if not parent.exists()]
         folder.mkdir(parents=True, exist_ok=True)
         lock = cls(folder, Holder.me(purpose), heartbeat_s)

@@ -205,3 +205,14 @@ def test_under_torchrun_rank_zero_names_the_holder_and_every_rank_stops(tiny_sui
     assert done.stderr.count(f"error: run folder '{out}' is in use by pretrain on host {HOST}, pid {os.getpid()}") == 1
     assert "[rank0]: Traceback" not in done.stderr and "[rank1]: Traceback" not in done.stderr  # no crash
     assert not out.exists()
+
+
+def test_an_output_folder_that_cannot_be_made_is_a_one_line_error(tmp_path, tiny_suite, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(UserError, match=r"cannot write in the output folder '.*a-file/run' \(Not a directory\)"):
+        RunLock.acquire(blocker / "run", "pretrain", heartbeat_s=0)
+    args = cli_args({**TINY, "data": tiny_suite / "train", "output_dir": blocker / "run"})
+    assert run_cli(train_main, ["--preset", "vanilla", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: cannot write in the output folder")
