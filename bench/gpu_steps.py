@@ -44,11 +44,12 @@ import torch
 import torch.nn.functional as F
 
 from bench.augment_throughput import photo_like
+from bench.train_throughput import synchronize
 from bench.variant_process import REPO
 from common.atomic import atomic_write_text
 from pretrain.checkpoint import safe_load, strip_prefixes
 from pretrain.config import config_flags, resolve
-from pretrain.distributed import DistInfo
+from pretrain.distributed import DistInfo, free_port
 from pretrain.presets import PRESETS
 from pretrain.trainer import Trainer, peak_memory_gb
 
@@ -57,18 +58,6 @@ STEPS = ("environment", "end-to-end", "distributed", "extraction", "faiss")
 
 def device_here() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # ------------------------------------------------------------------ environment

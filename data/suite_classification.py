@@ -43,8 +43,8 @@ import os
 
 import numpy as np
 from PIL import Image, ImageDraw
-from tqdm import tqdm
 
+from common.progress import progress_bar
 from data.suite_common import SPLIT_IDS, check_integer, write_part_atomically
 from data.suite_shapes import (
     CLASS_NAMES,
@@ -147,8 +147,8 @@ def write_classification(root, n_train_per_class=300, n_val_per_class=100, image
     counts = {"train": parameters["n_train_per_class"], "val": parameters["n_val_per_class"]}
 
     def fill_folder(folder):
-        with tqdm(total=parameters["num_images"], desc="classification suite", unit="img",
-                  disable=not progress) as bar:
+        with progress_bar(total=parameters["num_images"], desc="classification suite", unit="img",
+                          disable=not progress) as bar:
             for split, count in counts.items():
                 digits = max(4, len(str(count - 1)))
                 for class_index, class_name in enumerate(CLASS_NAMES):

@@ -36,8 +36,8 @@ import os
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
-from tqdm import tqdm
 
+from common.progress import progress_bar
 from data.suite_common import check_integer, make_folders, part_rng, save_jpeg, write_part_atomically
 from data.suite_scenes import (
     SCENES_VERSION,
@@ -199,7 +199,7 @@ def write_copydays(root, n_originals=40, n_distractors=150, n_whitening=400, see
         quality_folders = make_folders(folder, *(os.path.join("jpegqual", str(q)) for q in JPEG_QUALITIES))
         crop_folders = make_folders(folder, *(os.path.join("crops", str(c)) for c in CROP_PERCENTS))
         total = p["n_originals"] + p["n_distractors"] + p["n_whitening"]
-        with tqdm(total=total, desc="copydays suite", unit="photo", disable=not progress) as bar:
+        with progress_bar(total=total, desc="copydays suite", unit="photo", disable=not progress) as bar:
             for index in range(p["n_originals"]):
                 original, name = render_photo(p["seed"], ROLE_ORIGINAL, index), original_name(index)
                 save_jpeg(original, os.path.join(original_folder, name))

@@ -28,8 +28,8 @@ import os
 from dataclasses import replace
 
 import numpy as np
-from tqdm import tqdm
 
+from common.progress import progress_bar
 from data.suite_common import check_integer, make_folders, part_rng, save_jpeg, save_label_png, write_part_atomically
 from data.suite_scenes import SCENES_VERSION, place_objects, render_scene, scene_canvas
 from data.suite_shapes import CLASS_NAMES, SUPERSAMPLING
@@ -138,7 +138,8 @@ def write_davis(root, n_val_sequences=6, n_train_sequences=2, n_frames=20, seed=
             os.path.join("ImageSets", "2017"))
         names = []
         n_sequences = p["n_val_sequences"] + p["n_train_sequences"]
-        with tqdm(total=n_sequences * p["n_frames"], desc="davis suite", unit="frame", disable=not progress) as bar:
+        with progress_bar(total=n_sequences * p["n_frames"], desc="davis suite", unit="frame",
+                          disable=not progress) as bar:
             for index in range(n_sequences):
                 sequence = Sequence(p["seed"], index)
                 name = sequence.name if sequence.name not in names else f"{sequence.name}-{index}"

@@ -42,8 +42,8 @@ import pickle
 from dataclasses import dataclass, replace
 
 import numpy as np
-from tqdm import tqdm
 
+from common.progress import progress_bar
 from data.suite_common import check_integer, make_folders, part_rng, save_jpeg, write_part_atomically
 from data.suite_scenes import (
     SCENES_VERSION,
@@ -205,8 +205,8 @@ def write_retrieval(root, n_landmarks=8, n_views_per_landmark=20, n_queries_per_
         dataset_folder, = make_folders(folder, DATASET)
         image_folder, = make_folders(dataset_folder, "jpg")
         database, labels, qimlist, boxes = [], [], [], []  # labels[i] = (landmark, label) or None
-        with tqdm(total=p["num_database_images"] + p["num_queries"], desc="retrieval suite", unit="img",
-                  disable=not progress) as bar:
+        with progress_bar(total=p["num_database_images"] + p["num_queries"], desc="retrieval suite", unit="img",
+                          disable=not progress) as bar:
             for landmark_index, name in enumerate(p["landmark_names"]):
                 for view_index in range(p["n_views_per_landmark"]):
                     render, indices, zoom = render_view(p["seed"], landmark_index, view_index)

@@ -28,8 +28,8 @@ import os
 
 import numpy as np
 from PIL import Image, ImageFilter
-from tqdm import tqdm
 
+from common.progress import progress_bar
 from data.suite_common import check_integer, make_folders, part_rng, save_jpeg, save_label_png, write_part_atomically
 from data.suite_scenes import SCENES_VERSION, canvas_size, place_objects, render_scene, scene_canvas
 from data.suite_shapes import CLASS_NAMES
@@ -103,7 +103,7 @@ def write_voc(root, n_val=120, n_train=20, seed=0, progress=True, force=False) -
         image_folder, class_folder, object_folder, sets_folder = make_folders(
             voc, "JPEGImages", "SegmentationClass", "SegmentationObject", os.path.join("ImageSets", "Segmentation"))
         ids = [image_id(index) for index in range(p["n_val"] + p["n_train"])]
-        for index, name in enumerate(tqdm(ids, desc="voc suite", unit="img", disable=not progress)):
+        for index, name in enumerate(progress_bar(ids, desc="voc suite", unit="img", disable=not progress)):
             image, instances, classes, _, _ = render_segmentation_image(p["seed"], index)
             save_jpeg(image, os.path.join(image_folder, f"{name}.jpg"))
             save_label_png(classes, os.path.join(class_folder, f"{name}.png"))

@@ -12,6 +12,7 @@ one GPU exercises the multi-GPU path (`make gpu-check` does).
 from __future__ import annotations
 
 import os
+import socket
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -37,6 +38,13 @@ class DistInfo:
     def enabled(self) -> bool:
         """Whether this run is distributed: DDP wrappers, collectives, SyncBatchNorm on CUDA."""
         return self.world_size > 1 or self.group
+
+
+def free_port() -> int:
+    """A TCP port of the loopback interface that is free now (for a local torchrun or a one-process group)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _env_int(*names: str) -> int | None:

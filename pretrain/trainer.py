@@ -124,7 +124,7 @@ class Trainer:
             raise UserError(f"cannot resume from '{path}' ({message}): it was written for another arch or "
                             "config; choose a new --output-dir") from None
         self.start_epoch, self.start_step = int(state["epoch"]), int(state.get("step", 0))
-        global_batch = self.cfg.batch_size_per_gpu * self.dist.world_size
+        global_batch = self.model.global_batch
         saved_batch = int(state.get("global_batch", global_batch))
         if saved_batch != global_batch:  # other process count or batch: resume at the same sample of the epoch
             self.start_step = min(self.start_step * saved_batch // global_batch, self.iters_per_epoch)
@@ -283,7 +283,7 @@ class Trainer:
             if self.tensorboard is not None:
                 self.tensorboard.close()
         elapsed = time.perf_counter() - t_start
-        images = self.steps_done * cfg.batch_size_per_gpu * self.dist.world_size
+        images = self.steps_done * self.model.global_batch
         summary.update(iterations=self.iteration, seconds=elapsed,
                        images_per_second=images / elapsed if elapsed > 0 else 0.0,
                        peak_memory_gb=peak_memory_gb(self.device))

@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from tiny_runs import free_port, tiny_cfg
+from tiny_runs import tiny_cfg
 
 from pretrain import build_backbone
-from pretrain.distributed import DistInfo
+from pretrain.distributed import DistInfo, free_port
 from pretrain.trainer import Trainer
 
 pytestmark = pytest.mark.cuda

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 from pathlib import Path
 
 from pretrain.config import config_flags, resolve
+from pretrain.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,12 +23,6 @@ def tiny_cfg(data, out, **overrides):
 
 def cli_args(cfg_overrides: dict) -> list[str]:
     return config_flags(cfg_overrides)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def train_command(settings: dict, processes: int = 1, preset: str = "vanilla") -> list[str]:
