@@ -6,11 +6,14 @@ each through
 
     RandomResizedCrop(ratio 3/4..4/3, bicubic) -> hflip p=.5
     -> ColorJitter(.4, .4, .2, .1) with p=.8 (the four in random order)
-    -> grayscale p=.2 -> Gaussian blur (PIL radius ~ U(.1, 2))
+    -> grayscale p=.2 -> [invert] -> Gaussian blur (PIL radius ~ U(.1, 2))
     -> solarize (threshold 128) -> to tensor -> ImageNet normalisation
 
 with blur probability 1.0 / 0.1 / 0.5 for global 1 / global 2 / locals and
-solarization 0.2 on the second global crop only.
+solarization 0.2 on the second global crop only. The inversion (x -> 255 - x,
+every crop with probability ``invert_p``) is not the paper's: it is off by
+default, and its coin is only drawn when it is on, so the paper's pipeline
+draws exactly the same numbers with or without this option.
 
 Every random draw comes from a ``random.Random`` seeded by
 (seed, epoch, image index), so an image's crops do not depend on the number
@@ -108,13 +111,14 @@ class ColorJitterParams:
 class CropParams:
     """Every random choice of one crop: the box (top, left, height, width) in
     source pixels, the horizontal flip, colour jitter (None: not applied),
-    grayscale, the PIL Gaussian-blur radius (None: no blur) and solarization."""
+    grayscale, the PIL Gaussian-blur radius (None: no blur), solarization and inversion."""
     box: tuple[int, int, int, int]
     flip: bool
     jitter: ColorJitterParams | None
     grayscale: bool
     blur_radius: float | None
     solarize: bool
+    invert: bool = False
 
 
 @dataclass
@@ -129,8 +133,8 @@ class CropRecipe:
 def apply_crop_params(img: Image.Image, params: CropParams, size: int, hue_space: str = "hsv") -> Image.Image:
     """The PIL pipeline of one crop: crop + bicubic resize to ``size`` -> flip ->
     jitter ops in ``order`` (hue in ``hue_space``: "hsv" as ColorJitter, or
-    "yiq", `rotate_hue_yiq`) -> grayscale (ITU-R 601-2 luma) -> Gaussian blur ->
-    solarize (values >= 128 become 255 - v). Returns an RGB ``size`` x ``size`` image."""
+    "yiq", `rotate_hue_yiq`) -> grayscale (ITU-R 601-2 luma) -> invert (v -> 255 - v) ->
+    Gaussian blur -> solarize (values >= 128 become 255 - v). Returns an RGB ``size`` x ``size`` image."""
     top, left, height, width = params.box
     out = img.crop((left, top, left + width, top + height)).resize((size, size), Image.BICUBIC)
     if params.flip:
@@ -142,6 +146,8 @@ def apply_crop_params(img: Image.Image, params: CropParams, size: int, hue_space
             out = adjust[op](out, params.jitter.factors[op])
     if params.grayscale:
         out = ImageOps.grayscale(out).convert("RGB")
+    if params.invert:
+        out = ImageOps.invert(out)
     if params.blur_radius is not None:
         out = out.filter(ImageFilter.GaussianBlur(radius=params.blur_radius))
     if params.solarize:
@@ -162,7 +168,7 @@ class MultiCropAugmentation:
                  local_scale: tuple[float, float] = (0.05, 0.4), n_local: int = 8,
                  mean=IMAGENET_MEAN, std=IMAGENET_STD, saturation: float = 0.2, hue: float = 0.1,
                  grayscale_p: float = 0.2, blur_radius: tuple[float, float] = (0.1, 2.0),
-                 hue_space: str = "hsv"):
+                 hue_space: str = "hsv", invert_p: float = 0.0):
         if hue_space not in HUE_SPACES:
             raise UserError(f"unknown hue space '{hue_space}': use one of {', '.join(HUE_SPACES)}")
         self.hue_space = hue_space
@@ -173,6 +179,7 @@ class MultiCropAugmentation:
         # factor ranges of brightness, contrast, saturation (blend factors) and hue (shift in turns)
         self.jitter_ranges = ((0.6, 1.4), (0.6, 1.4), (1 - saturation, 1 + saturation), (-hue, hue))
         self.grayscale_p = grayscale_p
+        self.invert_p = invert_p
         self.blur_radius = tuple(blur_radius)
 
     @classmethod
@@ -180,7 +187,8 @@ class MultiCropAugmentation:
         """The multi-crop of a `pretrain.config.TrainConfig` (its crop sizes, scales, counts, jitter, blur)."""
         return cls(cfg.global_crops_size, cfg.local_crops_size, cfg.global_crops_scale, cfg.local_crops_scale,
                    cfg.local_crops_number, saturation=cfg.jitter_saturation, hue=cfg.jitter_hue,
-                   grayscale_p=cfg.grayscale_p, blur_radius=cfg.blur_radius, hue_space=cfg.jitter_hue_space)
+                   grayscale_p=cfg.grayscale_p, blur_radius=cfg.blur_radius, hue_space=cfg.jitter_hue_space,
+                   invert_p=cfg.invert_p)
 
     @property
     def ncrops(self) -> int:
@@ -193,7 +201,8 @@ class MultiCropAugmentation:
     def draw_crop(self, rng: random.Random, width: int, height: int, recipe: CropRecipe) -> CropParams:
         """One crop's choices, drawn in a fixed order: box, flip, jitter gate,
         jitter order then the factors in that order, grayscale, blur gate
-        (``u <= p``), blur radius (only when blurring), solarize gate (``u < p``)."""
+        (``u <= p``), blur radius (only when blurring), solarize gate (``u < p``), and the
+        invert gate (``u < invert_p``) only when ``invert_p`` > 0."""
         box = random_resized_crop_box(rng, width, height, recipe.scale)
         flip = rng.random() < 0.5
         jitter = None
@@ -207,7 +216,8 @@ class MultiCropAugmentation:
         grayscale = rng.random() < self.grayscale_p
         blur_radius = rng.uniform(*self.blur_radius) if rng.random() <= recipe.blur_p else None
         solarize = rng.random() < recipe.solarize_p
-        return CropParams(box, flip, jitter, grayscale, blur_radius, solarize)
+        invert = self.invert_p > 0 and rng.random() < self.invert_p
+        return CropParams(box, flip, jitter, grayscale, blur_radius, solarize, invert)
 
     def draw(self, width: int, height: int, rng: random.Random) -> list[CropParams]:
         """The choices of all 2 + n_local crops of a ``width`` x ``height`` image."""
@@ -248,7 +258,7 @@ class MultiCropDataset(torch.utils.data.Dataset):
 def pack_params(per_image: list[list[CropParams]]) -> dict[str, torch.Tensor]:
     """B lists of C crops' `CropParams` -> CPU tensors with leading dims (C, B):
     box (top, left, height, width) int64 (C, B, 4); flip, jitter, grayscale,
-    blur, solarize bool (C, B); jitter factors float64 (C, B, 4), indexed like
+    blur, solarize, invert bool (C, B); jitter factors float64 (C, B, 4), indexed like
     ``JITTER_OPS`` (1, 1, 1, 0 where not jittered); jitter order int64
     (C, B, 4); blur radius float64 (C, B) (0 where not blurred)."""
     crops = [list(column) for column in zip(*per_image)]  # crop slot -> its B params
@@ -266,6 +276,7 @@ def pack_params(per_image: list[list[CropParams]]) -> dict[str, torch.Tensor]:
         "blur": field(lambda p: p.blur_radius is not None, torch.bool),
         "blur_radius": field(lambda p: p.blur_radius or 0.0, torch.float64),
         "solarize": field(lambda p: p.solarize, torch.bool),
+        "invert": field(lambda p: p.invert, torch.bool),
     }
 
 

@@ -32,6 +32,7 @@ by PIL's roundings (tests/test_batch_augment.py states the bounds):
   zero to PIL's steps of 1/255 turn (no change where that is 0, where PIL
   still makes its lossy 8-bit HSV round trip).
 * grayscale: luma Y = 0.299 R + 0.587 G + 0.114 B (ITU-R 601-2) in all channels.
+* invert (not the paper's; only where ``invert_p`` > 0): x -> 1 - x.
 * Gaussian blur of radius r (PIL's meaning: the standard deviation): three
   passes per axis of PIL's extended box filter, the box of variance r^2 / 3:
   l = floor((sqrt(4 r^2 + 1) - 1) / 2), a = (2l+1)(l(l+1) - r^2) / (2r^2 - 6(l+1)^2),
@@ -345,6 +346,11 @@ def to_gray(x: torch.Tensor, scratch: Scratch = FRESH) -> torch.Tensor:
     return x.copy_(luma(x, scratch("luma", (len(x), 1, *x.shape[2:]), x.device)).expand_as(x))
 
 
+def invert(x: torch.Tensor, scratch: Scratch = FRESH) -> torch.Tensor:
+    """x -> 1 - x (PIL's ImageOps.invert on [0, 1]), in place."""
+    return x.neg_().add_(1)
+
+
 def solarize(x: torch.Tensor, scratch: Scratch = FRESH) -> torch.Tensor:
     """Values >= 128/255 inverted (x -> 1 - x), as PIL's solarize at threshold 128, in place."""
     return torch.where(x >= 128 / 255, 1 - x, x, out=x)
@@ -518,6 +524,7 @@ class BatchMultiCrop:
         scratch = self.scratch if x.device.type == "cpu" else FRESH
         x = color_jitter(x, p["jitter"], p["factors"], p["order"], self.hue_space, scratch=scratch)
         x = on_rows(x, p["grayscale"], to_gray, scratch=scratch)
+        x = on_rows(x, p["invert"], invert, scratch=scratch)
         # blurred crops grouped by box half-width L (2L + 3 taps each; most radii < sqrt 2 have L = 0): a
         # group's kernels are as wide as its own L needs, not the chunk's widest (the extra taps weigh 0)
         half = box_half_widths(p["blur_radius"])

@@ -5,6 +5,7 @@ uint8, so each tolerance below is the rounding PIL does in that op, stated
 where it is asserted; the batched path computes in float.
 """
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -33,6 +34,7 @@ from pretrain.batch_augment import (
     Scratch,
     color_jitter,
     gaussian_blur,
+    invert,
     luma,
     on_rows,
     padded_groups,
@@ -43,6 +45,7 @@ from pretrain.batch_augment import (
     to_gray,
 )
 from pretrain.checkpoint import safe_load
+from pretrain.config import TrainConfig
 from pretrain.distributed import DistInfo
 from pretrain.sampler import ShardedSampler
 from pretrain.train import main as train_main
@@ -239,6 +242,8 @@ def test_grayscale_and_solarize_match_pil(name):
     assert diff.abs().max() <= 0.5 + 1e-3  # PIL rounds the luma to a level
     solarized = solarize(as_batch(image))
     assert levels(solarized, [ImageOps.solarize(image, threshold=128)]).abs().max() < 1e-3  # exact on levels
+    inverted = invert(as_batch(image))
+    assert levels(inverted, [ImageOps.invert(image)]).abs().max() < 1e-3
 
 
 @pytest.mark.parametrize("name", IMAGES)
@@ -279,8 +284,10 @@ def pil_and_batched(augmentation: MultiCropAugmentation, images: list, device: s
                                            saturation=0.8, hue=0.5, grayscale_p=0.5, blur_radius=(0.015, 0.3)),
                                       dict(global_size=32, local_size=16, n_local=4, local_scale=(0.1, 0.4),
                                            saturation=0.8, hue=0.5, grayscale_p=0.5, blur_radius=(0.015, 0.3),
-                                           hue_space="yiq")],
-                         ids=["paper-like", "demo-hsv", "demo-yiq"])
+                                           hue_space="yiq"),
+                                      dict(global_size=32, local_size=16, n_local=4, grayscale_p=0.5,
+                                           hue_space="yiq", invert_p=0.5)],
+                         ids=["paper-like", "demo-hsv", "demo-yiq", "demo-invert"])
 def test_full_pipeline_matches_pil(settings, device):
     augmentation = MultiCropAugmentation(**settings)
     images = [photo(), suite_image(), photo(77, 101, seed=8), suite_image(48)] * 3  # mixed sizes: padding
@@ -411,6 +418,26 @@ def test_per_crop_probabilities():
         assert low <= values.min() < low + 0.01 and high - 0.01 < values.max() <= high
     radius = packed["blur_radius"][packed["blur"]]
     assert 0.1 <= radius.min() < 0.11 and 1.99 < radius.max() <= 2.0
+
+
+def test_inversion_is_drawn_per_crop_only_when_asked():
+    """invert_p > 0: each crop inverted with that probability, on its own; invert_p = 0: no coin is drawn,
+    so every other choice (and the next crop's) is exactly the paper's pipeline's."""
+    count = 4000
+    plain, inverting = MultiCropAugmentation(32, 16, n_local=2), MultiCropAugmentation(32, 16, n_local=2, invert_p=0.5)
+    drawn = [inverting.draw(100, 80, sample_rng(7, 0, i)) for i in range(count)]
+    packed = pack_params(drawn)
+    tolerance = 4 * (0.25 / count) ** 0.5
+    assert all(abs(rate - 0.5) <= tolerance for rate in packed["invert"].double().mean(1).tolist())
+    both = packed["invert"][0] & packed["invert"][1]  # the two global crops: independent coins
+    assert abs(float(both.double().mean()) - 0.25) <= 4 * (0.25 * 0.75 / count) ** 0.5
+    unchanged = [plain.draw(100, 80, sample_rng(7, 0, i)) for i in range(50)]
+    assert not any(p.invert for crops in unchanged for p in crops)
+    first = inverting.draw(100, 80, sample_rng(7, 0, 0))
+    assert unchanged[0][0] == replace(first[0], invert=False)  # the first crop's draws precede the coin
+    assert unchanged[0][1] != replace(first[1], invert=False)  # later crops shift by one draw when it is on
+    with pytest.raises(UserError, match="--invert-p 1.5 is not a probability"):
+        TrainConfig(invert_p=1.5)
 
 
 def test_params_depend_only_on_seed_epoch_index(tiny_suite):
