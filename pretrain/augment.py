@@ -11,9 +11,9 @@ each through
 
 with blur probability 1.0 / 0.1 / 0.5 for global 1 / global 2 / locals and
 solarization 0.2 on the second global crop only. The inversion (x -> 255 - x,
-every crop with probability ``invert_p``) is not the paper's: it is off by
-default, and its coin is only drawn when it is on, so the paper's pipeline
-draws exactly the same numbers with or without this option.
+each local crop with probability ``local_invert_p``) is not the paper's: it
+is off by default, and its coin is only drawn when it is on, so the paper's
+pipeline draws exactly the same numbers with or without this option.
 
 Every random draw comes from a ``random.Random`` seeded by
 (seed, epoch, image index), so an image's crops do not depend on the number
@@ -123,11 +123,13 @@ class CropParams:
 
 @dataclass
 class CropRecipe:
-    """How one crop is drawn: output side, area range and the two probabilities."""
+    """How one crop is drawn: output side, area range and the probabilities of blur, solarization and
+    inversion."""
     size: int
     scale: tuple[float, float]
     blur_p: float
     solarize_p: float = 0.0
+    invert_p: float = 0.0
 
 
 def apply_crop_params(img: Image.Image, params: CropParams, size: int, hue_space: str = "hsv") -> Image.Image:
@@ -168,18 +170,17 @@ class MultiCropAugmentation:
                  local_scale: tuple[float, float] = (0.05, 0.4), n_local: int = 8,
                  mean=IMAGENET_MEAN, std=IMAGENET_STD, saturation: float = 0.2, hue: float = 0.1,
                  grayscale_p: float = 0.2, blur_radius: tuple[float, float] = (0.1, 2.0),
-                 hue_space: str = "hsv", invert_p: float = 0.0):
+                 hue_space: str = "hsv", local_invert_p: float = 0.0):
         if hue_space not in HUE_SPACES:
             raise UserError(f"unknown hue space '{hue_space}': use one of {', '.join(HUE_SPACES)}")
         self.hue_space = hue_space
         self.recipes = [CropRecipe(global_size, tuple(global_scale), blur_p=1.0),
                         CropRecipe(global_size, tuple(global_scale), blur_p=0.1, solarize_p=0.2)]
-        self.recipes += [CropRecipe(local_size, tuple(local_scale), blur_p=0.5)] * n_local
+        self.recipes += [CropRecipe(local_size, tuple(local_scale), blur_p=0.5, invert_p=local_invert_p)] * n_local
         self.mean, self.std = list(mean), list(std)
         # factor ranges of brightness, contrast, saturation (blend factors) and hue (shift in turns)
         self.jitter_ranges = ((0.6, 1.4), (0.6, 1.4), (1 - saturation, 1 + saturation), (-hue, hue))
         self.grayscale_p = grayscale_p
-        self.invert_p = invert_p
         self.blur_radius = tuple(blur_radius)
 
     @classmethod
@@ -188,7 +189,7 @@ class MultiCropAugmentation:
         return cls(cfg.global_crops_size, cfg.local_crops_size, cfg.global_crops_scale, cfg.local_crops_scale,
                    cfg.local_crops_number, saturation=cfg.jitter_saturation, hue=cfg.jitter_hue,
                    grayscale_p=cfg.grayscale_p, blur_radius=cfg.blur_radius, hue_space=cfg.jitter_hue_space,
-                   invert_p=cfg.invert_p)
+                   local_invert_p=cfg.local_invert_p)
 
     @property
     def ncrops(self) -> int:
@@ -202,7 +203,7 @@ class MultiCropAugmentation:
         """One crop's choices, drawn in a fixed order: box, flip, jitter gate,
         jitter order then the factors in that order, grayscale, blur gate
         (``u <= p``), blur radius (only when blurring), solarize gate (``u < p``), and the
-        invert gate (``u < invert_p``) only when ``invert_p`` > 0."""
+        invert gate (``u < p``) only when the recipe's p > 0."""
         box = random_resized_crop_box(rng, width, height, recipe.scale)
         flip = rng.random() < 0.5
         jitter = None
@@ -216,7 +217,7 @@ class MultiCropAugmentation:
         grayscale = rng.random() < self.grayscale_p
         blur_radius = rng.uniform(*self.blur_radius) if rng.random() <= recipe.blur_p else None
         solarize = rng.random() < recipe.solarize_p
-        invert = self.invert_p > 0 and rng.random() < self.invert_p
+        invert = recipe.invert_p > 0 and rng.random() < recipe.invert_p
         return CropParams(box, flip, jitter, grayscale, blur_radius, solarize, invert)
 
     def draw(self, width: int, height: int, rng: random.Random) -> list[CropParams]:

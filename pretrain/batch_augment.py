@@ -32,7 +32,7 @@ by PIL's roundings (tests/test_batch_augment.py states the bounds):
   zero to PIL's steps of 1/255 turn (no change where that is 0, where PIL
   still makes its lossy 8-bit HSV round trip).
 * grayscale: luma Y = 0.299 R + 0.587 G + 0.114 B (ITU-R 601-2) in all channels.
-* invert (not the paper's; only where ``invert_p`` > 0): x -> 1 - x.
+* invert (not the paper's; local crops, only where ``local_invert_p`` > 0): x -> 1 - x.
 * Gaussian blur of radius r (PIL's meaning: the standard deviation): three
   passes per axis of PIL's extended box filter, the box of variance r^2 / 3:
   l = floor((sqrt(4 r^2 + 1) - 1) / 2), a = (2l+1)(l(l+1) - r^2) / (2r^2 - 6(l+1)^2),

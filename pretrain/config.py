@@ -92,8 +92,8 @@ class TrainConfig:
     jitter_hue_space: str = option("hsv", "how the hue turns: hsv (ColorJitter's shift) or yiq (a rotation that "
                                           "keeps the luma; the demo)", choices=HUE_SPACES)
     grayscale_p: float = option(0.2, "probability of turning a crop grey")
-    invert_p: float = option(0.0, "probability of inverting a crop (x -> 255 - x), drawn per crop after the "
-                                  "grayscale; not in the paper (0: its pipeline, unchanged)")
+    local_invert_p: float = option(0.0, "probability of inverting a local crop (x -> 255 - x), drawn per crop "
+                                        "after the grayscale; not in the paper (0: its pipeline, unchanged)")
     blur_radius: tuple[float, float] = option((0.1, 2.0), "Gaussian blur radius range, in pixels")
     augment_on: str = option("auto", "where the multi-crop is made: loader (PIL per image in the workers), device "
                                      "(batched on the training device), auto (device on CUDA, loader on the CPU)",
@@ -134,7 +134,7 @@ class TrainConfig:
             if not 0.0 <= value <= 1.0:
                 raise UserError(f"--{flag_name(name)} {value} is not a momentum: pass a value in [0, 1] "
                                 "(1 freezes the teacher)")
-        for name in ("grayscale_p", "invert_p"):
+        for name in ("grayscale_p", "local_invert_p"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise UserError(f"--{flag_name(name)} {value} is not a probability: pass a value in [0, 1]")

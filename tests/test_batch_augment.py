@@ -286,7 +286,7 @@ def pil_and_batched(augmentation: MultiCropAugmentation, images: list, device: s
                                            saturation=0.8, hue=0.5, grayscale_p=0.5, blur_radius=(0.015, 0.3),
                                            hue_space="yiq"),
                                       dict(global_size=32, local_size=16, n_local=4, grayscale_p=0.5,
-                                           hue_space="yiq", invert_p=0.5)],
+                                           hue_space="yiq", local_invert_p=0.5)],
                          ids=["paper-like", "demo-hsv", "demo-yiq", "demo-invert"])
 def test_full_pipeline_matches_pil(settings, device):
     augmentation = MultiCropAugmentation(**settings)
@@ -420,24 +420,25 @@ def test_per_crop_probabilities():
     assert 0.1 <= radius.min() < 0.11 and 1.99 < radius.max() <= 2.0
 
 
-def test_inversion_is_drawn_per_crop_only_when_asked():
-    """invert_p > 0: each crop inverted with that probability, on its own; invert_p = 0: no coin is drawn,
-    so every other choice (and the next crop's) is exactly the paper's pipeline's."""
+def test_inversion_is_drawn_per_local_crop_only_when_asked():
+    """local_invert_p > 0: each local crop inverted with that probability, on its own, never a global crop;
+    0: no coin is drawn, so every other choice (and the next crop's) is exactly the paper's pipeline's."""
     count = 4000
-    plain, inverting = MultiCropAugmentation(32, 16, n_local=2), MultiCropAugmentation(32, 16, n_local=2, invert_p=0.5)
-    drawn = [inverting.draw(100, 80, sample_rng(7, 0, i)) for i in range(count)]
-    packed = pack_params(drawn)
-    tolerance = 4 * (0.25 / count) ** 0.5
-    assert all(abs(rate - 0.5) <= tolerance for rate in packed["invert"].double().mean(1).tolist())
-    both = packed["invert"][0] & packed["invert"][1]  # the two global crops: independent coins
+    plain = MultiCropAugmentation(32, 16, n_local=2)
+    inverting = MultiCropAugmentation(32, 16, n_local=2, local_invert_p=0.5)
+    packed = pack_params([inverting.draw(100, 80, sample_rng(7, 0, i)) for i in range(count)])
+    rates = packed["invert"].double().mean(1).tolist()
+    assert rates[:2] == [0.0, 0.0]
+    assert all(abs(rate - 0.5) <= 4 * (0.25 / count) ** 0.5 for rate in rates[2:])
+    both = packed["invert"][2] & packed["invert"][3]  # the two local crops: independent coins
     assert abs(float(both.double().mean()) - 0.25) <= 4 * (0.25 * 0.75 / count) ** 0.5
     unchanged = [plain.draw(100, 80, sample_rng(7, 0, i)) for i in range(50)]
     assert not any(p.invert for crops in unchanged for p in crops)
     first = inverting.draw(100, 80, sample_rng(7, 0, 0))
-    assert unchanged[0][0] == replace(first[0], invert=False)  # the first crop's draws precede the coin
-    assert unchanged[0][1] != replace(first[1], invert=False)  # later crops shift by one draw when it is on
-    with pytest.raises(UserError, match="--invert-p 1.5 is not a probability"):
-        TrainConfig(invert_p=1.5)
+    assert unchanged[0][:3] == [replace(p, invert=False) for p in first[:3]]  # the coin comes after these
+    assert unchanged[0][3] != replace(first[3], invert=False)  # the next local crop's draws shift by one
+    with pytest.raises(UserError, match="--local-invert-p 1.5 is not a probability"):
+        TrainConfig(local_invert_p=1.5)
 
 
 def test_params_depend_only_on_seed_epoch_index(tiny_suite):
