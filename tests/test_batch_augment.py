@@ -235,7 +235,7 @@ def test_in_place_steps_with_scratch_match_fresh_buffers(device):
 
 
 @pytest.mark.parametrize("name", IMAGES)
-def test_grayscale_and_solarize_match_pil(name):
+def test_grayscale_solarize_and_invert_match_pil(name):
     image = IMAGES[name]
     gray = luma(as_batch(image)).expand(1, 3, -1, -1)
     diff = levels(gray, [ImageOps.grayscale(image).convert("RGB")])
