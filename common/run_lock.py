@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 
+from .atomic import atomic_write_text
 from .errors import UserError
 
 LOCK_NAME = "run.lock"
@@ -155,13 +156,6 @@ def _create_exclusive(path: Path, content: str) -> bool:
     return True
 
 
-def _replace(path: Path, content: str) -> None:
-    """Rewrite ``path`` whole (readers see the old or the new content)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(content)
-    os.replace(tmp, path)
-
-
 def _server_age(path: Path) -> float | None:
     """Seconds since ``path`` was last written, by the file server's clock; None if it is gone."""
     probe = path.with_name(f".{path.name}.probe.{os.getpid()}.{uuid.uuid4().hex[:8]}")
@@ -250,7 +244,7 @@ class RunLock:
             with _Mutex(lock.path):
                 if _read_holder(lock.path) != holder:  # changed meanwhile (released, or taken by another)
                     continue
-                _replace(lock.path, content)
+                atomic_write_text(lock.path, content)
             warn(f"warning: taking over the lock of '{folder}' from {holder.describe()}: {reason}")
             lock._start_heartbeat()
             return lock
@@ -285,28 +279,30 @@ class RunLock:
         while not self._stop.wait(self.heartbeat_s):
             try:
                 self.heartbeat()
-            except OSError:
-                pass  # a file-system hiccup: the next beat retries; a long one makes the lock stale
-            except UserError:
-                pass  # the mutex is held for long: the next beat retries
+            except (OSError, UserError):
+                pass  # a file-system hiccup or a mutex held for long: the next beat retries; a long one makes
+                # the lock stale
             if self.lost_to is not None:
                 return
+
+    def _still_ours(self) -> bool:
+        """Read the lock file: True if it still names this holder, else record who took it (`lost_to`)."""
+        current = _read_holder(self.path)
+        if current is not None and current.token == self.holder.token:
+            return True
+        self.lost_to = current or Holder(host="?", pid=-1, started="?", purpose="(lock deleted)", token="")
+        return False
 
     def heartbeat(self) -> None:
         """Rewrite the lock (its mtime is the heartbeat), unless another process has taken it over."""
         with _Mutex(self.path):
-            current = _read_holder(self.path)
-            if current is None or current.token != self.holder.token:
-                self.lost_to = current or Holder(host="?", pid=-1, started="?", purpose="(lock deleted)", token="")
-                return
-            _replace(self.path, json.dumps(asdict(self.holder)))
+            if self._still_ours():
+                atomic_write_text(self.path, json.dumps(asdict(self.holder)))
 
     def assert_held(self) -> None:
         """Raise `UserError` if another process has taken the lock over (this one must stop writing)."""
         if self.lost_to is None:
-            current = _read_holder(self.path)
-            if current is None or current.token != self.holder.token:
-                self.lost_to = current or Holder(host="?", pid=-1, started="?", purpose="(lock deleted)", token="")
+            self._still_ours()
         if self.lost_to is not None:
             raise UserError(f"the lock of '{self.folder}' was taken over by {self.lost_to.describe()} (this "
                             "process's heartbeat was too old): stopping so that only one process writes there")
