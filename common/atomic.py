@@ -7,8 +7,8 @@ renamed over the target with ``os.replace``, and the folder is fsynced so the
 rename itself survives a power cut. An exception at any point (a full disk, a
 Ctrl-C) removes the temp file and leaves the previous target untouched.
 
-It lives in ``data`` (the bottom of the ``data <- pretrain <- evaluate <-
-analysis`` chain) so every layer can use the same one.
+It lives in ``common`` (the bottom package, below ``data``, ``pretrain``,
+``evaluate`` and ``analysis``) so every layer can use the same one.
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ Features: the backbone's final-normed [CLS] of Resize(r, bicubic) +
 CenterCrop(s) images (s = 224, r = 256 for ImageNet; ``--image-size`` sets
 s and r = s * 256 / 224), L2-normalised. Neighbours: FAISS exact
 inner-product search (a GPU index when CUDA and faiss GPU support are
-present). Scores: ``pretrain.monitor.weighted_vote`` (exp(cos / T), T = 0.07).
+present). Scores: ``common.knn`` (the weighted vote, exp(cos / T), T = 0.07).
 Prints top-1/top-5 for k in 10, 20, 100, 200; k = 20 is the paper's number.
 Model, extraction and cache flags: `evaluate.model_source`, the same in every
 evaluator (features cached in results/<run>/features unless --no-cache).

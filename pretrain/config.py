@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from common.errors import UserError
 
+from .augment import HUE_SPACES
 from .backbones import ARCHS, CUSTOM_VIT, VIT_PATCHES, VIT_SPECS
 from .presets import PRESETS, arch_mismatch
 
@@ -26,7 +27,6 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 OPTIMIZERS = ("adamw", "sgd")
 PIPELINE_PLACES = ("auto", "loader", "device")
 ON_OFF = ("on", "off")
-HUE_SPACES = ("hsv", "yiq")
 
 
 @dataclass

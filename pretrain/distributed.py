@@ -97,7 +97,7 @@ def all_reduce_max(value: float, info: DistInfo) -> float:
 
 @contextmanager
 def main_process_lock(folder, purpose: str, info: DistInfo):
-    """Rank 0 holds the run folder's lock (`data.run_lock`) for the block; every rank stops when rank 0 is
+    """Rank 0 holds the run folder's lock (`common.run_lock`) for the block; every rank stops when rank 0 is
     refused (rank 0 with the error naming the holder, the others with exit status 2 and no message).
     Yields the lock on rank 0, None on the others."""
     lock, error = None, None

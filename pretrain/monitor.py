@@ -1,16 +1,7 @@
-"""Weighted k-NN classification on frozen features (docs/protocols.md, "k-NN").
-
-Shared by the training monitor (exact search with a matrix product, here)
-and the evaluator ``evaluate.knn`` (FAISS search), which reuses
-``weighted_vote`` and ``accuracies`` so both score neighbours identically.
-
-For a query with L2-normalised feature f and its k nearest training
-features x_j (cosine similarity s_j, label y_j):
-
-    score(c) = sum_j [y_j = c] * exp(s_j / T),     T = 0.07
-
-and classes are ranked by score (top-1, top-5 with min(5, k)).
-"""
+"""The training loop's k-NN monitor (docs/protocols.md, "k-NN"): features of the train and val images
+from the current teacher (or student), scored by `common.knn` (exact neighbours, the weighted vote
+sum_j exp(s_j / T) per class, T = 0.07), which the evaluator ``evaluate.knn`` uses too, so both score
+neighbours identically."""
 from __future__ import annotations
 
 from typing import Callable
