@@ -340,9 +340,10 @@ def main(argv=None) -> int:
         raise UserError("no CUDA GPU here: make gpu-check measures the GPU path on a machine with one "
                         "(make gpu-check DRY=1 runs its CPU dry run)")
     device = "cpu (dry run)" if args.dry else torch.cuda.get_device_name(0)
-    print(f"make gpu-check on {device}: {len(plan(args.dry))} steps, budget {args.budget:.0f} s", flush=True)
+    steps = plan(args.dry)
+    print(f"make gpu-check on {device}: {len(steps)} steps, budget {args.budget:.0f} s", flush=True)
     start = time.perf_counter()
-    records = run_steps(plan(args.dry), args.budget, progress=lambda line: print(line, flush=True))
+    records = run_steps(steps, args.budget, progress=lambda line: print(line, flush=True))
     report = {"date": date.today().isoformat(), "device": device, "dry": args.dry, "budget_s": args.budget,
               "total_s": time.perf_counter() - start, "env_build_s": args.env_seconds, "steps": records}
     out = Path(args.out)

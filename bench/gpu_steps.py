@@ -47,17 +47,12 @@ from bench.augment_throughput import photo_like
 from bench.train_throughput import synchronize
 from bench.variant_process import REPO
 from common.atomic import atomic_write_text
+from evaluate.features import default_device
 from pretrain.checkpoint import safe_load, strip_prefixes
 from pretrain.config import config_flags, resolve
 from pretrain.distributed import DistInfo, free_port
 from pretrain.presets import PRESETS
 from pretrain.trainer import Trainer, peak_memory_gb
-
-STEPS = ("environment", "end-to-end", "distributed", "extraction", "faiss")
-
-
-def device_here() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
 # ------------------------------------------------------------------ environment
@@ -145,7 +140,7 @@ def write_imagenet_like(root: Path, count: int, unique: int, workers: int) -> di
 
 
 def end_to_end(args: argparse.Namespace) -> dict:
-    device = device_here()
+    device = default_device()
     workers = args.workers or (os.cpu_count() or 1)
     sizes = (dict(arch="vit_tiny", global_crops_size=32, local_crops_size=16, local_crops_number=2, out_dim=256)
              if args.dry else dict(arch="vit_small"))
@@ -271,7 +266,7 @@ def distributed(args: argparse.Namespace) -> dict:
 def extraction(args: argparse.Namespace) -> dict:
     from evaluate.features import FeatureExtractor, FeatureSpec
     from pretrain import build_backbone
-    device = device_here()
+    device = default_device()
     batch = 4 if args.dry else 256
     side = 32 if args.dry else 224
     torch.manual_seed(0)
@@ -332,7 +327,7 @@ STEP_FUNCTIONS = {"environment": environment, "end-to-end": end_to_end, "distrib
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("step", choices=STEPS)
+    parser.add_argument("step", choices=STEP_FUNCTIONS)
     parser.add_argument("--json", required=True, help="where to write the step's result")
     parser.add_argument("--dry", action="store_true", help="tiny sizes, any device (make gpu-check DRY=1)")
     parser.add_argument("--patch", type=int, default=16, help="end-to-end: ViT-S patch")

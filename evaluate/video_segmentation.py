@@ -60,7 +60,7 @@ from evaluate.label_propagation import (
     soft_labels_to_index_map,
 )
 from evaluate.metrics import davis_j_and_f
-from evaluate.model_source import ModelSource, add_evaluator_arguments, feature_extractor, load_model
+from evaluate.model_source import add_evaluator_arguments, feature_extractor, load_model
 
 FRAME_MEAN = (0.485, 0.456, 0.406)
 FRAME_STD = (0.228, 0.224, 0.225)  # 0.228, not ImageNet's 0.229: the official DAVIS code's value
@@ -244,11 +244,6 @@ def run_video_segmentation(model: torch.nn.Module, davis_root, output_dir, split
             "F_recall": scores["F-Recall"], "F_decay": scores["F-Decay"]}
 
 
-def default_output_dir(source: ModelSource) -> Path:
-    """results/<run>/davis, or results/<run>/davis-random-init for ``--random-like`` (another model)."""
-    return source.results_dir("davis")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m evaluate.video_segmentation",
                                      description="DAVIS-2017 label propagation with frozen patch features "
@@ -277,7 +272,7 @@ def main(argv=None) -> int:
     extractor = feature_extractor(source, args)
     options = PropagationOptions(args.frame_height, args.side_multiple, args.n_last_frames,
                                  args.size_mask_neighborhood, args.topk, args.temperature)
-    output = args.output or default_output_dir(source)
+    output = args.output or source.results_dir("davis")  # davis-random-init for --random-like
     scores = run_video_segmentation(extractor.model, args.davis, output, args.split, args.sequences, options,
                                     args.force, extractor.device, extractor.progress)
     print(f"J&F {scores['J&F_mean']:.2f}  J {scores['J_mean']:.2f}  F {scores['F_mean']:.2f}  "
